@@ -1,0 +1,94 @@
+# onecard: one target per stage. Each stage skips itself when its output is up to date, and the file
+# dependencies below make a later stage run whatever earlier stage is missing.
+#
+#   make run                 install, then download -> tokenize -> shard -> train -> evaluate
+#   make test                install, then lint and run the test suite
+#   make train PRESET=gpt2-xl CONFIG=ds_configs/zero3_nvme.json STEPS=1000
+#   make tensorboard         serve data/runs on http://127.0.0.1:6006
+
+DATA      ?= data
+SOURCE    ?= builtin
+CORPUS    ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.config import corpus_name; print(corpus_name(sys.argv[1]))' '$(SOURCE)')
+TOKENIZER ?= bpe:4096
+PRESET    ?= tiny
+CONFIG    ?= ds_configs/zero3_offload.json
+STEPS     ?= 300
+RUN       ?= $(CORPUS)-$(PRESET)-$(basename $(notdir $(CONFIG)))
+TRAIN_ARGS ?=
+PORT      ?= 6006
+
+# Use the active virtualenv if there is one, otherwise create ./.venv.
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
+# The venv's tools first: DeepSpeed JIT-builds its ops with whatever `ninja` is on PATH, and a different
+# ninja than last time rebuilds them all.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+INSTALLED := $(VENV)/.onecard-installed
+export ONECARD_DATA := $(DATA)
+
+RAW    := $(DATA)/raw/$(CORPUS)/manifest.json
+TOKENS := $(DATA)/tokens/$(CORPUS)/manifest.json
+SHARDS := $(DATA)/shards/$(CORPUS)/manifest.json
+CKPT   := $(DATA)/checkpoints/$(RUN)/manifest.json
+
+.PHONY: install run download tokenize shard train evaluate test lint tensorboard clean-run
+
+install: $(INSTALLED)
+
+# torch first, pinned, so that pip takes the build meant for this machine (a local CPU wheel where one is
+# provided) instead of whatever the dependency range would pull.
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+DOWNLOAD = $(PY) -m pipeline.download --source $(SOURCE) --corpus $(CORPUS)
+TOKENIZE = $(PY) -m pipeline.tokenize --corpus $(CORPUS) --tokenizer $(TOKENIZER)
+SHARD    = $(PY) -m pipeline.shard --corpus $(CORPUS)
+TRAIN    = $(VENV)/bin/deepspeed launch/train.py --deepspeed $(CONFIG) --corpus $(CORPUS) --preset $(PRESET) \
+           --run $(RUN) --max-steps $(STEPS) $(TRAIN_ARGS)
+
+run: download tokenize shard train evaluate
+
+# The phony stage targets always call their stage (which skips itself when up to date); the manifest
+# targets run a stage only when its output is missing, so `make train` builds whatever is not there yet.
+download: $(INSTALLED)
+	$(DOWNLOAD)
+$(RAW): | $(INSTALLED)
+	$(DOWNLOAD)
+
+tokenize: $(RAW)
+	$(TOKENIZE)
+$(TOKENS): $(RAW)
+	$(TOKENIZE)
+
+shard: $(TOKENS)
+	$(SHARD)
+$(SHARDS): $(TOKENS)
+	$(SHARD)
+
+train: $(SHARDS)
+	$(TRAIN)
+$(CKPT): $(SHARDS)
+	$(TRAIN)
+
+evaluate: $(CKPT)
+	$(PY) -m pipeline.evaluate --run $(RUN)
+
+test: $(INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+
+tensorboard: $(INSTALLED)
+	$(VENV)/bin/tensorboard --logdir $(DATA)/runs --host 127.0.0.1 --port $(PORT)
+
+clean-run:
+	rm -rf $(DATA)/checkpoints/$(RUN) $(DATA)/runs/$(RUN) $(DATA)/eval/$(RUN) $(DATA)/export/$(RUN) $(DATA)/nvme/$(RUN)

@@ -1,0 +1,264 @@
+"""Stage outputs and their manifests: atomic completion, skip-when-up-to-date, and validation by readers.
+
+A stage builds its output in a hidden sibling folder and renames it into place only after writing
+`manifest.json` last, so a folder that has a manifest is complete. The manifest carries a fingerprint of
+everything the output was made from (stage, format version, parameters, the digests of the input
+manifests); a later run with the same fingerprint is skipped, a different one is refused unless forced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineError
+
+log = logging.getLogger("onecard")
+
+MANIFEST = "manifest.json"
+# How to rebuild each stage's output, for error messages that say what to run.
+STAGE_COMMANDS = {
+    "download": "make download  (python -m pipeline.download)",
+    "tokenizer": "make tokenize  (python -m pipeline.tokenize)",
+    "tokenize": "make tokenize  (python -m pipeline.tokenize)",
+    "shard": "make shard  (python -m pipeline.shard)",
+    "train": "make train  (deepspeed launch/train.py --deepspeed <config>)",
+    "evaluate": "make evaluate  (python -m pipeline.evaluate)",
+}
+_LIBRARIES = ("torch", "deepspeed", "transformers", "tokenizers", "datasets", "numpy")
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def read_manifest(folder: Path, stage: str) -> dict[str, Any]:
+    """The manifest of a completed stage output; a clear error naming the folder and the fix if there is none."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise PipelineError(
+            f"{path} is missing: the {stage} stage has not completed for {folder}. "
+            f"Run {STAGE_COMMANDS[stage]} first."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise PipelineError(
+            f"{path} is not valid JSON ({error}). Rebuild it with {STAGE_COMMANDS[stage]} --force."
+        ) from error
+    if manifest.get("stage") != stage:
+        raise PipelineError(
+            f"{path} belongs to stage {manifest.get('stage')!r}, expected {stage!r}: "
+            f"the folder {folder} is not a {stage} output."
+        )
+    return manifest
+
+
+def manifest_digest(folder: Path) -> str:
+    return sha256_file(folder / MANIFEST)
+
+
+def verify_files(folder: Path, manifest: dict[str, Any], checksums: bool = True) -> None:
+    """Check that every file the manifest lists is there with its size (and checksum)."""
+    rebuild = STAGE_COMMANDS[manifest["stage"]]
+    for entry in manifest["files"]:
+        path = folder / entry["path"]
+        if not path.is_file():
+            raise PipelineError(f"{path} is listed in {folder / MANIFEST} but missing. Rebuild with {rebuild} --force.")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise PipelineError(
+                f"{path} has {size} bytes but its manifest says {entry['bytes']}: the file is truncated or was "
+                f"changed after it was written. Rebuild with {rebuild} --force."
+            )
+        if checksums and sha256_file(path) != entry["sha256"]:
+            raise PipelineError(
+                f"{path} does not match the sha256 in {folder / MANIFEST}: the file is corrupt or was changed "
+                f"after it was written. Rebuild with {rebuild} --force."
+            )
+
+
+def write_manifest(
+    folder: Path,
+    stage: str,
+    version: int,
+    fingerprint: str,
+    params: dict[str, Any],
+    inputs: dict[str, Any],
+    counts: dict[str, Any],
+    started: float,
+    extra: dict[str, Any] | None = None,
+    immutable: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Write `folder/manifest.json`, listing every other file in the folder with its size and sha256.
+
+    `immutable` maps paths of files that are never rewritten (old checkpoints) to their previous entries,
+    which are reused rather than hashed again when the size still matches.
+    """
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    immutable = immutable or {}
+
+    def entry(p: Path) -> dict[str, Any]:
+        path, size = str(p.relative_to(folder)), p.stat().st_size
+        if path in immutable and immutable[path]["bytes"] == size:
+            return immutable[path]
+        return {"path": path, "bytes": size, "sha256": sha256_file(p)}
+
+    manifest = {
+        "stage": stage,
+        "format_version": version,
+        "fingerprint": fingerprint,
+        "params": params,
+        "inputs": inputs,
+        "counts": counts,
+        "files": [entry(p) for p in files],
+        "versions": library_versions(),
+        "timing": {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "seconds": round(time.time() - started, 3),
+        },
+        **(extra or {}),
+    }
+    write_json_atomic(folder / MANIFEST, manifest)
+
+
+def input_entry(folder: Path) -> dict[str, str]:
+    """How a manifest names one of its inputs: the folder and the digest of the folder's manifest."""
+    return {"path": str(folder), "manifest_sha256": manifest_digest(folder)}
+
+
+class StageOutput:
+    """One stage output folder, built in a hidden sibling and renamed into place when complete.
+
+    Usage::
+
+        out = StageOutput(final_dir, "shard", version=1, params=..., inputs={"tokens": tokens_dir})
+        if out.up_to_date():
+            return final_dir
+        with out.building() as tmp:
+            ...write files into tmp...
+            out.counts["tokens"] = n
+    """
+
+    def __init__(
+        self,
+        final: Path,
+        stage: str,
+        version: int,
+        params: dict[str, Any],
+        inputs: dict[str, Path] | None = None,
+        force: bool = False,
+        replace_stale: bool = False,
+    ) -> None:
+        self.final = Path(final)
+        self.stage = stage
+        self.version = version
+        self.params = params
+        self.inputs = {name: input_entry(folder) for name, folder in (inputs or {}).items()}
+        self.force = force
+        self.replace_stale = replace_stale
+        self.counts: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
+        self.fingerprint = sha256_json(
+            {"stage": stage, "version": version, "params": params,
+             "inputs": {name: entry["manifest_sha256"] for name, entry in self.inputs.items()}}
+        )
+
+    def up_to_date(self) -> bool:
+        """True if the output exists and was made from exactly these inputs and parameters.
+
+        An output made from something else is an error unless `force` asks to rebuild it: mixing the two
+        silently is how a run ends up training on data it did not ask for. Reports, which lose nothing by
+        being redone, pass `replace_stale` to be rebuilt instead.
+        """
+        path = self.final / MANIFEST
+        if not path.is_file():
+            return False
+        if self.force:
+            return False
+        existing = json.loads(path.read_text())
+        if existing.get("fingerprint") == self.fingerprint:
+            verify_files(self.final, existing, checksums=False)
+            log.info("%s: %s is up to date, skipping (use --force to rebuild)", self.stage, self.final)
+            return True
+        if self.replace_stale:
+            return False
+        changed = [key for key in self.params if existing.get("params", {}).get(key) != self.params[key]]
+        changed += [
+            f"input {name}"
+            for name, value in self.inputs.items()
+            if existing.get("inputs", {}).get(name, {}).get("manifest_sha256") != value["manifest_sha256"]
+        ]
+        raise PipelineError(
+            f"{self.final} already exists but was made from different inputs or parameters "
+            f"(differs in: {', '.join(changed) or 'format version'}). Re-run with --force to rebuild it, "
+            f"or choose another name (--corpus / --run) to keep both."
+        )
+
+    @contextmanager
+    def building(self) -> Iterator[Path]:
+        partial = self.final.with_name(f".{self.final.name}.partial")
+        if partial.exists():
+            shutil.rmtree(partial)  # left over by a crashed run; it was never renamed into place
+        partial.mkdir(parents=True)
+        started = time.time()
+        try:
+            yield partial
+            self._write_manifest(partial, started)
+            self._move_into_place(partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+    def _write_manifest(self, folder: Path, started: float) -> None:
+        write_manifest(folder, self.stage, self.version, self.fingerprint, self.params, self.inputs, self.counts,
+                       started, self.extra)
+
+    def _move_into_place(self, partial: Path) -> None:
+        old = self.final.with_name(f".{self.final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(partial, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("%s: wrote %s", self.stage, self.final)

@@ -1,0 +1,125 @@
+"""What every stage shares: the data directory, the stage folders in it, logging and command-line parsing.
+
+Each stage is configured by one dataclass that extends `StageConfig`; `stage_main` turns the command line
+into that dataclass (flags are the field names, `--data-dir` and `--data_dir` both work) and runs the stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+DATA_DIR_ENV = "ONECARD_DATA"
+# The file kinds the download stage reads (also stripped from a file name to name its corpus).
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
+log = logging.getLogger("onecard")
+
+
+class PipelineError(Exception):
+    """A problem the user can fix: the message names the file or option and says how."""
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV, "data"))
+
+
+@dataclass
+class StageConfig:
+    """Options every stage has."""
+
+    data_dir: Path = field(
+        default_factory=default_data_dir,
+        metadata={"help": f"root of the data directory shared by all stages (env {DATA_DIR_ENV})"},
+    )
+    force: bool = field(
+        default=False,
+        metadata={"help": "rebuild the output even when an up-to-date or a different one is already there"},
+    )
+
+
+def corpus_name(source: str) -> str:
+    """A folder-safe corpus name derived from a source: 'hf:a/b:c' -> 'b-c', '/x/books.txt' -> 'books'."""
+    if source == "builtin":
+        return "builtin"
+    if source.startswith("hf:"):
+        dataset, _, config = source[3:].partition(":")
+        name = dataset.rstrip("/").split("/")[-1] + (f"-{config}" if config else "")
+    else:
+        path = urllib.parse.urlparse(source).path if re.match(r"https?://", source) else source
+        name = Path(path.rstrip("/")).name
+        for suffix in sorted(LOCAL_SUFFIXES, key=len, reverse=True):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "corpus"
+
+
+class DataDir:
+    """The folders of the data-directory contract (see DESIGN.md); the only place that spells them."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def raw(self, corpus: str) -> Path:
+        return self.root / "raw" / corpus
+
+    def tokenizer(self, name: str) -> Path:
+        return self.root / "tokenizer" / name
+
+    def tokens(self, corpus: str) -> Path:
+        return self.root / "tokens" / corpus
+
+    def shards(self, corpus: str) -> Path:
+        return self.root / "shards" / corpus
+
+    def checkpoints(self, run: str) -> Path:
+        return self.root / "checkpoints" / run
+
+    def runs(self, run: str) -> Path:
+        return self.root / "runs" / run
+
+    def eval(self, run: str) -> Path:
+        return self.root / "eval" / run
+
+    def export(self, run: str) -> Path:
+        return self.root / "export" / run
+
+    def nvme(self, run: str) -> Path:
+        return self.root / "nvme" / run
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
+    """Console logging for the pipeline: rank 0 only, so N ranks do not print N copies of every line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level if rank == 0 else logging.ERROR)
+    log.propagate = False
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def parse_config(cls: type[ConfigT], argv: Sequence[str] | None = None) -> ConfigT:
+    from transformers import HfArgumentParser
+
+    (config,) = HfArgumentParser(cls).parse_args_into_dataclasses(args=argv)
+    return config
+
+
+def stage_main(cls: type[ConfigT], run: Callable[[ConfigT], Any], argv: Sequence[str] | None = None) -> None:
+    """The `python -m pipeline.<stage>` entry: parse, run, and turn a PipelineError into a clean exit 2."""
+    setup_logging()
+    config = parse_config(cls, argv)
+    try:
+        run(config)
+    except PipelineError as error:
+        log.error("%s", error)
+        sys.exit(2)

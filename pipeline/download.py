@@ -1,0 +1,362 @@
+"""Stage 1, download: gather documents from a source into `data/raw/<corpus>/` as JSON-lines parts.
+
+Sources:
+  builtin                  real English that ships with every Python: the language reference topics
+                           (`pydoc_data.topics`) and the docstrings of the standard library (read with `ast`,
+                           nothing is imported). Works offline; the default.
+  PATH                     a .txt / .jsonl / .parquet file (optionally .gz for .txt and .jsonl) or a folder of them
+  hf:DATASET[:CONFIG]      a Hugging Face dataset, streamed through `datasets` (stops at --max-docs/--max-bytes)
+  http(s)://URL            a file of one of the local formats, fetched first
+
+Each document becomes one line `{"text": ..., "source": ...}` of `docs_00000.jsonl`, `docs_00001.jsonl`, ...
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import io
+import json
+import logging
+import platform
+import re
+import shutil
+import sysconfig
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from tqdm import tqdm
+
+from pipeline.artifacts import StageOutput
+from pipeline.config import LOCAL_SUFFIXES, DataDir, PipelineError, StageConfig, corpus_name, stage_main
+
+log = logging.getLogger("onecard")
+
+FORMAT_VERSION = 1
+PART_BYTES = 64 << 20
+# Standard-library folders that are tests, tools or vendored code rather than library documentation.
+STDLIB_SKIP = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "site-packages", "dist-packages",
+               "ensurepip", "__pycache__", "__phello__"}
+
+
+@dataclass
+class DownloadConfig(StageConfig):
+    source: str = field(default="builtin", metadata={"help": "builtin | PATH | hf:DATASET[:CONFIG] | http(s)://URL"})
+    corpus: str | None = field(default=None, metadata={"help": "corpus name (default: derived from --source)"})
+    text_field: str = field(default="text", metadata={"help": "column/key holding the text in jsonl, parquet, hf"})
+    split: str = field(default="train", metadata={"help": "split of a hf: dataset"})
+    max_docs: int | None = field(default=None, metadata={"help": "stop after this many documents"})
+    max_bytes: int | None = field(default=None, metadata={"help": "stop after this many bytes of UTF-8 text"})
+    doc_split: Literal["auto", "file", "blankline"] = field(
+        default="auto",
+        metadata={"help": "documents of .txt input: one per file, or one per blank-line-separated block "
+                  "(auto: per file for a folder, per block for a single file)"},
+    )
+
+
+# --- the builtin corpus -------------------------------------------------------------------------------
+
+def _module_text(path: Path, module: str) -> str:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    parts = []
+    if doc := ast.get_docstring(tree):
+        parts.append(f"{module}\n\n{doc}")
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                if doc := ast.get_docstring(node):
+                    parts.append(f"class {prefix}{node.name}:\n{doc}")
+                visit(node.body, f"{prefix}{node.name}.")
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (doc := ast.get_docstring(node)):
+                parts.append(f"def {prefix}{node.name}({ast.unparse(node.args)}):\n{doc}")
+
+    visit(tree.body, "")
+    return "\n\n".join(parts)
+
+
+def builtin_documents() -> Iterator[tuple[str, str]]:
+    """(source, text) pairs: every language-reference topic, then one document per stdlib module."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield f"pydoc_data.topics:{name}", topics[name]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        relative = path.relative_to(stdlib)
+        if STDLIB_SKIP.intersection(relative.parts[:-1]):
+            continue
+        module = ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
+        try:
+            text = _module_text(path, module)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few stdlib files are templates or test data, not Python source
+        if text:
+            yield f"stdlib:{module}", text
+
+
+# --- local files ----------------------------------------------------------------------------------------
+
+def _open_text(path: Path) -> IO[str]:
+    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    # utf-8-sig drops a byte-order mark; newline=None turns CRLF into LF.
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline=None)
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> PipelineError:
+    return PipelineError(
+        f"{path} is not UTF-8 text (byte {error.start} cannot be decoded: {error.reason}). Convert it first, "
+        f"e.g. `iconv -f latin1 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)}`, "
+        "then pass the converted file to --source."
+    )
+
+
+def _txt_documents(path: Path, per_block: bool) -> Iterator[str]:
+    try:
+        with _open_text(path) as f:
+            text = f.read()
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from error
+    if per_block:
+        yield from re.split(r"\n\s*\n", text)
+    else:
+        yield text
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        with _open_text(path) as f:
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise PipelineError(
+                        f"{path}:{line_number} is not valid JSON ({error.msg}). Every line of a .jsonl "
+                        f"file must be one JSON object with a {text_field!r} field."
+                    ) from error
+                if not isinstance(record, dict) or text_field not in record:
+                    raise PipelineError(
+                        f"{path}:{line_number} has no {text_field!r} field. Name the field holding the text "
+                        "with --text-field."
+                    )
+                yield record[text_field]
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from error
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as error:
+        raise PipelineError(f"{path} is not a readable parquet file ({error}).") from error
+    if text_field not in parquet.schema_arrow.names:
+        raise PipelineError(
+            f"{path} has no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)}). "
+            "Name the text column with --text-field."
+        )
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        yield from batch.column(0).to_pylist()
+
+
+def local_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise PipelineError(f"--source {root} does not exist. Give a file, a folder, builtin, hf:NAME or a URL.")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(LOCAL_SUFFIXES))
+    if not files:
+        raise PipelineError(f"{root} holds no {', '.join(LOCAL_SUFFIXES)} files to read documents from.")
+    return files
+
+
+def local_documents(root: Path, config: DownloadConfig) -> Iterator[tuple[str, str]]:
+    files = local_files(root)
+    per_block = config.doc_split == "blankline" or (config.doc_split == "auto" and root.is_file())
+    for path in files:
+        label = str(path.relative_to(root)) if root.is_dir() else path.name
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            documents = _jsonl_documents(path, config.text_field)
+        elif path.suffix == ".parquet":
+            documents = _parquet_documents(path, config.text_field)
+        else:
+            documents = _txt_documents(path, per_block)
+        for text in documents:
+            yield label, text
+
+
+def _local_state(root: Path) -> list[list[Any]]:
+    """What the local input looked like, so that a changed file makes the old output out of date."""
+    base = root if root.is_dir() else root.parent
+    return [[str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns] for p in local_files(root)]
+
+
+# --- remote sources -------------------------------------------------------------------------------------
+
+def hf_documents(spec: str, config: DownloadConfig) -> Iterator[tuple[str, str]]:
+    import datasets
+
+    name, _, subset = spec.partition(":")
+    try:
+        stream = datasets.load_dataset(name, subset or None, split=config.split, streaming=True)
+    except Exception as error:
+        raise PipelineError(
+            f"cannot load dataset {name!r}{f' config {subset!r}' if subset else ''} split {config.split!r} "
+            f"through `datasets` ({type(error).__name__}: {error}). Check the name and your network, or "
+            "download the data yourself and pass its local path to --source."
+        ) from error
+    for example in stream:
+        if config.text_field not in example:
+            raise PipelineError(
+                f"dataset {name!r} has no field {config.text_field!r} (fields: {', '.join(example)}). "
+                "Name the text field with --text-field."
+            )
+        yield f"hf:{spec}", example[config.text_field]
+
+
+def fetch_url(url: str, folder: Path) -> Path:
+    name = Path(urllib.parse.urlparse(url).path).name or "download.txt"
+    if not name.endswith(LOCAL_SUFFIXES):
+        name += ".txt"
+    target = folder / name
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as error:
+        raise PipelineError(f"cannot fetch {url}: {error}. Check the URL and your network.") from error
+    return target
+
+
+# --- the stage ------------------------------------------------------------------------------------------
+
+class PartWriter:
+    """Writes documents as JSON lines into numbered parts, stopping at the configured limits."""
+
+    def __init__(self, folder: Path, max_docs: int | None, max_bytes: int | None) -> None:
+        self.folder = folder
+        self.max_docs = max_docs
+        self.max_bytes = max_bytes
+        self.documents = 0
+        self.text_bytes = 0
+        self.parts: list[str] = []
+        self.sources: dict[str, dict[str, Any]] = {}
+        self._file: IO[str] | None = None
+        self._part_bytes = 0
+
+    def full(self) -> bool:
+        return (self.max_docs is not None and self.documents >= self.max_docs) or (
+            self.max_bytes is not None and self.text_bytes >= self.max_bytes
+        )
+
+    def add(self, source: str, text: str) -> None:
+        if not isinstance(text, str) or not text.strip():
+            return
+        if self._file is None or self._part_bytes >= PART_BYTES:
+            self._next_part()
+        line = json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
+        self._file.write(line)
+        size = len(text.encode("utf-8"))
+        self._part_bytes += len(line)
+        self.text_bytes += size
+        self.documents += 1
+        entry = self.sources.setdefault(source, {"documents": 0, "bytes": 0, "sha256": hashlib.sha256()})
+        entry["documents"] += 1
+        entry["bytes"] += size
+        entry["sha256"].update(text.encode("utf-8"))
+
+    def _next_part(self) -> None:
+        self.close()
+        name = f"docs_{len(self.parts):05d}.jsonl"
+        self.parts.append(name)
+        self._file = open(self.folder / name, "w", encoding="utf-8")
+        self._part_bytes = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def source_list(self) -> list[dict[str, Any]]:
+        return [{"source": name, "documents": e["documents"], "bytes": e["bytes"], "sha256": e["sha256"].hexdigest()}
+                for name, e in self.sources.items()]
+
+
+def _plan(config: DownloadConfig) -> tuple[dict[str, Any], Path | None]:
+    """The parameters that define the output, and the local path when the source is one."""
+    source = config.source
+    local = None
+    if source == "builtin":
+        state: Any = {"python": platform.python_version(), "stdlib": sysconfig.get_paths()["stdlib"]}
+    elif source.startswith("hf:") or re.match(r"https?://", source):
+        state = None
+    else:
+        local = Path(source).expanduser().resolve()
+        source = str(local)
+        state = _local_state(local)
+    params = {
+        "source": source, "source_state": state, "text_field": config.text_field, "split": config.split,
+        "max_docs": config.max_docs, "max_bytes": config.max_bytes, "doc_split": config.doc_split,
+    }
+    return params, local
+
+
+def run(config: DownloadConfig) -> Path:
+    corpus = config.corpus or corpus_name(config.source)
+    params, local = _plan(config)
+    out = StageOutput(DataDir(config.data_dir).raw(corpus), "download", FORMAT_VERSION, params, force=config.force)
+    if out.up_to_date():
+        return out.final
+    with out.building() as folder:
+        writer = PartWriter(folder, config.max_docs, config.max_bytes)
+        fetched = folder / "_fetched"
+        if config.source == "builtin":
+            documents = builtin_documents()
+        elif config.source.startswith("hf:"):
+            documents = hf_documents(config.source[3:], config)
+        elif local is not None:
+            documents = local_documents(local, config)
+        else:
+            fetched.mkdir()
+            documents = local_documents(fetch_url(config.source, fetched), config)
+        with tqdm(desc=f"download {corpus}", unit=" docs") as bar:
+            for source, text in documents:
+                writer.add(source, text)
+                bar.update(1)
+                bar.set_postfix_str(f"{writer.text_bytes / 1e6:.1f} MB", refresh=False)
+                if writer.full():
+                    break
+        writer.close()
+        shutil.rmtree(fetched, ignore_errors=True)
+        if writer.documents == 0:
+            raise PipelineError(
+                f"--source {config.source} gave no documents with text: the corpus is empty. "
+                "Check the path, the --text-field, or the limits."
+            )
+        out.counts = {"documents": writer.documents, "text_bytes": writer.text_bytes, "parts": len(writer.parts)}
+        out.extra["sources"] = writer.source_list()
+    log.info("download: %d documents, %.1f MB of text in %s", writer.documents, writer.text_bytes / 1e6, out.final)
+    return out.final
+
+
+def read_documents(raw_dir: Path) -> Iterator[str]:
+    """The texts of a download output, in order."""
+    for part in sorted(raw_dir.glob("docs_*.jsonl")):
+        with open(part, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)["text"]
+
+
+if __name__ == "__main__":
+    stage_main(DownloadConfig, run)

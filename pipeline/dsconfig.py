@@ -1,0 +1,186 @@
+"""The DeepSpeed JSON: load it, merge the command-line overrides into it, and validate the result.
+
+The JSON is the single source of truth for ZeRO stage, offload, precision, batch sizes and optimizer
+hyper-parameters. The few values a command line may change are merged in here, the merged config is checked
+before DeepSpeed sees it (with errors that name the file and the field), and it is what gets logged and saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineError
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def load_ds_config(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise PipelineError(
+            f"cannot read the DeepSpeed config {path}: {error.strerror}. Pass one of ds_configs/*.json to --deepspeed."
+        ) from error
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PipelineError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}. "
+            "Fix the file (DeepSpeed configs are plain JSON: no comments, no trailing commas)."
+        ) from error
+    if not isinstance(config, dict):
+        raise PipelineError(f"{path} must hold a JSON object, not a {type(config).__name__}.")
+    return config
+
+
+def precision(ds: dict[str, Any]) -> str:
+    for name in ("bf16", "fp16"):
+        if ds.get(name, {}).get("enabled") is True:
+            return name
+    return "fp32"
+
+
+def offload_devices(ds: dict[str, Any]) -> tuple[str, str]:
+    """(parameter offload device, optimizer offload device): each 'none', 'cpu' or 'nvme'."""
+    zero = ds.get("zero_optimization", {})
+    return (zero.get("offload_param", {}).get("device", "none"),
+            zero.get("offload_optimizer", {}).get("device", "none"))
+
+
+def describe(ds: dict[str, Any]) -> str:
+    params, optimizer = offload_devices(ds)
+    world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+    return (f"ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)}, parameters on {_place(params)}, optimizer on "
+            f"{_place(optimizer)}, {precision(ds)}, batch {ds['train_micro_batch_size_per_gpu']} per rank x "
+            f"{ds['gradient_accumulation_steps']} accumulation x {world} ranks = {ds['train_batch_size']} sequences")
+
+
+def _place(device: str) -> str:
+    return {"none": "the accelerator", "cpu": "CPU", "nvme": "NVMe"}[device]
+
+
+def _find_auto(value: Any, where: str = "") -> str | None:
+    if value == "auto":
+        return where or "(top level)"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if found := _find_auto(item, f"{where}.{key}" if where else key):
+                return found
+    return None
+
+
+def merge_ds_config(
+    ds: dict[str, Any],
+    source: Path | str,
+    *,
+    world_size: int,
+    max_steps: int,
+    data_dir: Path,
+    run: str,
+    nvme_path: str | None = None,
+    micro_batch_size: int | None = None,
+    grad_accum: int | None = None,
+    precision_override: str | None = None,
+    lr: float | None = None,
+    warmup_steps: int | None = None,
+) -> dict[str, Any]:
+    """The config DeepSpeed will run: `ds` with the command-line values merged in, validated.
+
+    NVMe swap files go to `<nvme_path>/<run>` (--nvme-path, else the JSON's), where a relative nvme_path is
+    taken under the data directory: they follow --data-dir, and two runs never share them.
+    """
+    ds = copy.deepcopy(ds)
+    if where := _find_auto(ds):
+        raise PipelineError(
+            f"{source}: {where} is \"auto\". That is a Hugging Face Trainer placeholder; onecard passes the JSON "
+            "to DeepSpeed as is, so give a value (or leave the key out)."
+        )
+    if micro_batch_size is not None:
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if grad_accum is not None:
+        ds["gradient_accumulation_steps"] = grad_accum
+    if precision_override is not None:
+        if precision_override not in PRECISIONS:
+            raise PipelineError(f"--precision {precision_override}: choose one of {', '.join(PRECISIONS)}.")
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision_override == "bf16"}
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision_override == "fp16"}
+    if "optimizer" not in ds:
+        raise PipelineError(
+            f"{source} has no \"optimizer\" section. onecard lets DeepSpeed build the optimizer (so it can be "
+            'offloaded); add e.g. {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.1}}.'
+        )
+    if lr is not None:
+        ds["optimizer"].setdefault("params", {})["lr"] = lr
+    if "scheduler" in ds:
+        scheduler = ds["scheduler"].setdefault("params", {})
+        scheduler["total_num_steps"] = max_steps
+        if warmup_steps is not None:
+            scheduler["warmup_num_steps"] = warmup_steps
+    _check_batch(ds, source, world_size)
+    if ds.get("bf16", {}).get("enabled") is True and ds.get("fp16", {}).get("enabled") is True:
+        raise PipelineError(f"{source} enables both bf16 and fp16; enable one (or neither, for fp32).")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise PipelineError(f"{source}: zero_optimization.stage is {zero.get('stage')!r}; it must be 0, 1, 2 or 3.")
+    for key in ("offload_param", "offload_optimizer"):
+        offload = zero.get(key, {})
+        if offload.get("device") == "nvme":
+            path = Path(nvme_path or offload.get("nvme_path") or "nvme")
+            offload["nvme_path"] = str((path if path.is_absolute() else data_dir / path) / run)
+    return ds
+
+
+def _check_batch(ds: dict[str, Any], source: Path | str, world_size: int) -> None:
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    accum = ds.setdefault("gradient_accumulation_steps", 1)
+    for name, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PipelineError(
+                f"{source}: {name} is {value!r}; it must be a positive integer (set it in the JSON, or with "
+                "--micro-batch-size / --grad-accum)."
+            )
+    expected = micro * accum * world_size
+    given = ds.get("train_batch_size")
+    if given is not None and given != expected:
+        raise PipelineError(
+            f"{source}: train_batch_size is {given}, but train_micro_batch_size_per_gpu {micro} x "
+            f"gradient_accumulation_steps {accum} x {world_size} rank(s) = {expected}. Remove train_batch_size "
+            "from the JSON (onecard computes it) or make the three agree for this world size."
+        )
+    ds["train_batch_size"] = expected
+
+
+def check_nvme(ds: dict[str, Any]) -> None:
+    """Before anything is allocated: NVMe offload needs libaio, and a swap folder that can be written."""
+    zero = ds.get("zero_optimization", {})
+    paths = {zero[key]["nvme_path"] for key in ("offload_param", "offload_optimizer")
+             if zero.get(key, {}).get("device") == "nvme"}
+    if not paths:
+        return
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise PipelineError(
+            "NVMe offload needs DeepSpeed's async_io op, which needs libaio: install it with "
+            "`sudo apt-get install libaio-dev` (or set CFLAGS/LDFLAGS to a libaio you built), or pick a config "
+            "without NVMe offload such as ds_configs/zero3_offload.json."
+        )
+    for path in sorted(paths):
+        folder = Path(path)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+                pass
+        except OSError as error:
+            raise PipelineError(
+                f"the NVMe swap folder {folder} is not writable ({error.strerror}). Point --nvme-path at a "
+                "writable folder on a fast local disk (a relative path is taken under the data directory)."
+            ) from error
+        if not os.access(folder, os.W_OK):
+            raise PipelineError(f"the NVMe swap folder {folder} is not writable. Point --nvme-path elsewhere.")

@@ -1,0 +1,186 @@
+"""Stage 5, evaluate: score a run's latest checkpoint and export it as a Hugging Face model.
+
+Loads the fp32 weights the trainer gathered from the ZeRO partitions into each checkpoint, measures the validation loss
+and perplexity (token-weighted, over the first --eval-tokens of the val shards) next to the loss of the same
+model at initialisation, writes generated samples, and exports `data/export/<run>/` (config.json,
+model.safetensors, tokenizer files), which is reloaded with `AutoModelForCausalLM.from_pretrained` and must
+give the same validation loss. The report goes to `data/eval/<run>/report.json` and `report.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import checkpoint
+from pipeline.artifacts import StageOutput, read_manifest, write_json_atomic
+from pipeline.config import DataDir, PipelineError, StageConfig, stage_main
+from pipeline.data import TokenSequences
+from pipeline.model import build_model, lm_loss
+from pipeline.shard import load_index
+from pipeline.tokenize import load_tokenizer
+
+log = logging.getLogger("onecard")
+
+FORMAT_VERSION = 1
+PROMPTS = ("The", "In Python, a list is", "This function returns")
+
+
+@dataclass
+class EvaluateConfig(StageConfig):
+    run: str | None = field(default=None, metadata={"help": "run to evaluate (default: the only run there is)"})
+    eval_tokens: int = field(default=1_000_000, metadata={"help": "score at most this many val tokens"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per evaluation batch"})
+    sample_tokens: int = field(default=48, metadata={"help": "tokens generated per sample prompt"})
+    seed: int = field(default=1337, metadata={"help": "seed for sampling"})
+
+
+def resolve_run(data: DataDir, run: str | None) -> str:
+    if run:
+        return run
+    runs = sorted(p.parent.name for p in (data.root / "checkpoints").glob("*/latest"))
+    if len(runs) == 1:
+        return runs[0]
+    raise PipelineError(
+        f"{data.root / 'checkpoints'} holds {len(runs)} trained runs ({', '.join(runs) or 'none'}): "
+        + ("train one first with `make train`." if not runs else "choose one with --run NAME.")
+    )
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, sequences: TokenSequences, batch_size: int, max_tokens: int) -> float:
+    """Mean next-token loss over the first max_tokens // T validation sequences (all of equal length)."""
+    device = next(model.parameters()).device
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    total, count = 0.0, 0
+    with autocast:
+        for inputs, targets in sequences.in_order(batch_size, max(1, max_tokens // sequences.seq_len)):
+            total += lm_loss(model, inputs.to(device), targets.to(device)).item() * len(inputs)
+            count += len(inputs)
+    return total / count
+
+
+@torch.no_grad()
+def generate_samples(model: Any, tokenizer: Any, seed: int, max_new_tokens: int) -> list[dict[str, str]]:
+    device = next(model.parameters()).device
+    samples = []
+    for prompt in PROMPTS:
+        torch.manual_seed(seed)
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        output = model.generate(**inputs, do_sample=True, top_k=40, temperature=0.8, max_new_tokens=max_new_tokens,
+                                pad_token_id=tokenizer.eos_token_id)
+        samples.append({"prompt": prompt, "text": tokenizer.decode(output[0], skip_special_tokens=True)})
+    return samples
+
+
+def _report_markdown(report: dict[str, Any]) -> str:
+    rows = [
+        ("checkpoint", f"{report['checkpoint']} (step {report['step']}, {report['tokens_seen']:,} tokens seen)"),
+        ("validation loss", f"{report['val_loss']:.4f} (perplexity {report['val_perplexity']:.2f})"),
+        ("untrained model",
+         f"{report['untrained_val_loss']:.4f} (perplexity {report['untrained_val_perplexity']:.2f})"),
+        ("exported model", f"{report['export_val_loss']:.4f}"),
+        ("scored", f"{report['eval_tokens']:,} validation tokens"),
+    ]
+    lines = [f"# Evaluation of run `{report['run']}`", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    lines += ["", "## Samples", ""]
+    for sample in report["samples"]:
+        lines += [f"**{sample['prompt']}**", "", "```", sample["text"], "```", ""]
+    return "\n".join(lines)
+
+
+def run(config: EvaluateConfig) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    data = DataDir(config.data_dir)
+    name = resolve_run(data, config.run)
+    ckpt_dir = data.checkpoints(name)
+    read_manifest(ckpt_dir, "train")
+    saved = json.loads((ckpt_dir / checkpoint.RUN_FILE).read_text())
+    identity = saved["identity"]
+    params = {"eval_tokens": config.eval_tokens, "batch_size": config.batch_size,
+              "sample_tokens": config.sample_tokens, "seed": config.seed, "prompts": list(PROMPTS)}
+    outputs = [StageOutput(folder, "evaluate", FORMAT_VERSION, params, {"checkpoints": ckpt_dir},
+                           force=config.force, replace_stale=True) for folder in (data.eval(name), data.export(name))]
+    if all(out.up_to_date() for out in outputs):
+        return outputs[0].final
+    eval_out, export_out = outputs
+
+    shards_dir = data.shards(identity["corpus"])
+    index = load_index(shards_dir)
+    val = TokenSequences(shards_dir, index, "val", identity["seq_len"])
+    scored_tokens = min(len(val), max(1, config.eval_tokens // val.seq_len)) * val.seq_len
+    tokenizer = load_tokenizer(data.tokenizer(saved["tokenizer"]["name"]))
+    device = _device()
+
+    torch.manual_seed(identity["seed"])
+    model = build_model(identity["preset"], identity["vocab_size"], index["eot_id"], identity["dropout"]).to(device)
+    untrained_loss = validation_loss(model, val, config.batch_size, config.eval_tokens)
+    tag, weights = checkpoint.load_weights(ckpt_dir)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(model.state_dict()) - {name for name, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise PipelineError(f"{ckpt_dir / tag} does not fit the {identity['preset']} model (missing "
+                            f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}).")
+    step_info = json.loads((ckpt_dir / "manifest.json").read_text())["counts"]
+    val_loss = validation_loss(model, val, config.batch_size, config.eval_tokens)
+    log.info("evaluate %s at %s: val loss %.4f (perplexity %.2f); untrained model %.4f (perplexity %.2f)",
+             name, tag, val_loss, math.exp(val_loss), untrained_loss, math.exp(untrained_loss))
+    samples = generate_samples(model, tokenizer, config.seed, config.sample_tokens)
+
+    with export_out.building() as export_dir:
+        model.config.pad_token_id = index["eot_id"]
+        model.generation_config.pad_token_id = index["eot_id"]
+        model.save_pretrained(export_dir, safe_serialization=True)
+        tokenizer.model_max_length = model.config.n_positions
+        tokenizer.save_pretrained(export_dir)
+        exported = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=False).to(device)
+        export_loss = validation_loss(exported, val, config.batch_size, config.eval_tokens)
+        if not math.isclose(export_loss, val_loss, rel_tol=1e-4):
+            raise PipelineError(
+                f"the exported model in {export_dir} gives val loss {export_loss:.6f}, the checkpoint "
+                f"{val_loss:.6f}: the export is not faithful. Please report this as a bug."
+            )
+        export_out.counts = {"parameters": sum(p.numel() for p in exported.parameters())}
+
+    report = {
+        "run": name, "checkpoint": tag, "step": step_info["step"], "tokens_seen": step_info["tokens_seen"],
+        "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+        "untrained_val_loss": untrained_loss, "untrained_val_perplexity": math.exp(untrained_loss),
+        "export_val_loss": export_loss, "eval_tokens": scored_tokens, "samples": samples,
+        "export_dir": str(export_out.final), "tokenizer": saved["tokenizer"], "shards": identity["shards"],
+        "preset": identity["preset"], "seq_len": identity["seq_len"],
+    }
+    with eval_out.building() as eval_dir:
+        write_json_atomic(eval_dir / "report.json", report)
+        (eval_dir / "report.md").write_text(_report_markdown(report))
+        eval_out.counts = {"val_loss": val_loss, "eval_tokens": scored_tokens}
+    _log_to_tensorboard(data.runs(name), report)
+    return eval_out.final
+
+
+def _log_to_tensorboard(log_dir: Path, report: dict[str, Any]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        writer.add_scalar("eval/val_loss", report["val_loss"], report["step"])
+        writer.add_scalar("eval/val_perplexity", report["val_perplexity"], report["step"])
+        for sample in report["samples"]:
+            writer.add_text(f"samples/{sample['prompt']}", sample["text"], report["step"])
+
+
+if __name__ == "__main__":
+    stage_main(EvaluateConfig, run)

@@ -1,0 +1,51 @@
+"""Training metrics: TensorBoard event files plus a `metrics.jsonl` line per step, written by rank 0 only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class Metrics:
+    """Scalars per step into `runs/<run>/`. On resume, everything logged after the resumed step is dropped
+    (those steps are about to be trained again), so curves never hold two values for one step."""
+
+    def __init__(self, log_dir: Path, enabled: bool, start_step: int) -> None:
+        self.enabled = enabled
+        self.path = Path(log_dir) / "metrics.jsonl"
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        kept = [line for line in self._lines() if json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(kept))
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+        self.file = open(self.path, "a")
+
+    def _lines(self) -> list[str]:
+        return self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+
+    def log(self, step: int, scalars: dict[str, float | None]) -> None:
+        if not self.enabled:
+            return
+        values = {name: float(value) for name, value in scalars.items() if value is not None}
+        for name, value in values.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.file.close()
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, Any]]:
+    path = Path(log_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -1,0 +1,249 @@
+"""Stage 4, train: GPT-2 under DeepSpeed ZeRO with CPU/NVMe offload, resumable exactly.
+
+    deepspeed launch/train.py --deepspeed ds_configs/zero3_offload.json [--preset gpt2-xl] [--max-steps N] ...
+
+The DeepSpeed JSON decides ZeRO stage, offload, precision, batch sizes and AdamW hyper-parameters; the flags
+below may override the batch sizes, precision and learning rate, and the merged config is logged and saved
+with the checkpoints. The learning rate follows a linear warmup then a cosine decay to --min-lr-ratio.
+Checkpoints go to `checkpoints/<run>/`, TensorBoard events and `metrics.jsonl` to `runs/<run>/`; starting
+the same command again resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pipeline import checkpoint
+from pipeline.artifacts import input_entry, write_json_atomic
+from pipeline.config import DataDir, PipelineError, StageConfig, setup_logging, stage_main
+from pipeline.data import TokenSequences, TrainBatches
+from pipeline.dsconfig import check_nvme, describe, load_ds_config, merge_ds_config, offload_devices, precision
+from pipeline.metrics import Metrics
+from pipeline.model import build_model, lm_loss, optimizer_groups, parameter_count, preset_context
+from pipeline.shard import load_index
+
+log = logging.getLogger("onecard")
+
+
+@dataclass
+class TrainConfig(StageConfig):
+    deepspeed: str = field(default="ds_configs/zero3_offload.json", metadata={"help": "DeepSpeed JSON config"})
+    corpus: str = field(default="builtin", metadata={"help": "corpus to train on (a folder under shards/)"})
+    preset: str = field(default="tiny", metadata={"help": "tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"})
+    run: str | None = field(default=None, metadata={"help": "run name (default: <corpus>-<preset>-<config>)"})
+    seq_len: int | None = field(default=None, metadata={"help": "sequence length (default: the preset's context)"})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps to train for, in total"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps (default: 5%% of max)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "the cosine decays to this fraction of the peak"})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "override the JSON's micro-batch"})
+    grad_accum: int | None = field(default=None, metadata={"help": "override gradient_accumulation_steps"})
+    precision: Literal["bf16", "fp16", "fp32"] | None = field(default=None, metadata={"help": "override precision"})
+    lr: float | None = field(default=None, metadata={"help": "override the optimizer's peak learning rate"})
+    seed: int = field(default=1337, metadata={"help": "seeds the weights and the data order"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability (GPT-2 pre-training: 0)"})
+    stop_after: int | None = field(
+        default=None, metadata={"help": "stop with a checkpoint after this step, e.g. to fit a job's time limit "
+                                "(the schedule still runs to --max-steps; run again to continue)"})
+    checkpoint_every: int = field(default=100, metadata={"help": "save a checkpoint every N steps (and at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
+    log_every: int = field(default=10, metadata={"help": "console line every N steps"})
+    nvme_path: str | None = field(default=None, metadata={"help": "NVMe swap root (relative: under --data-dir)"})
+    verify_data: bool = field(default=True, metadata={"help": "check shard checksums before training"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
+
+
+def run_name(config: TrainConfig) -> str:
+    return config.run or f"{config.corpus}-{config.preset}-{Path(config.deepspeed).stem}"
+
+
+def lr_ratio(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to the peak over `warmup_steps`, then cosine decay to `min_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_schedule(config: TrainConfig) -> partial[float]:
+    # A partial, not a lambda: LambdaLR then checkpoints no copy of it, so a resumed run with a longer
+    # --max-steps follows the new schedule.
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.max_steps // 20)
+    return partial(lr_ratio, warmup_steps=warmup, max_steps=config.max_steps, min_ratio=config.min_lr_ratio)
+
+
+def init_distributed() -> None:
+    """Join the process group set up by the deepspeed launcher, or form a group of one without it."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(verbose=False)
+
+
+def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name: str) -> dict[str, Any]:
+    """The run's DeepSpeed config: the JSON with the command-line overrides merged in, checked for what
+    this trainer needs before anything is allocated."""
+    ds = merge_ds_config(
+        load_ds_config(config.deepspeed), config.deepspeed, world_size=world_size, max_steps=config.max_steps,
+        data_dir=data_root, run=name, nvme_path=config.nvme_path, micro_batch_size=config.micro_batch_size,
+        grad_accum=config.grad_accum, precision_override=config.precision, lr=config.lr,
+    )
+    if "scheduler" in ds:
+        raise PipelineError(
+            f"{config.deepspeed} has a \"scheduler\" section; onecard sets the schedule itself (warmup + cosine: "
+            "--warmup-steps, --min-lr-ratio). Remove the section."
+        )
+    if ds.get("zero_optimization", {}).get("stage", 0) == 0:
+        raise PipelineError(f"{config.deepspeed} does not enable ZeRO; use stage 1, 2 or 3 (see ds_configs/).")
+    check_nvme(ds)
+    return ds
+
+
+def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any], shards_dir: Path, seq_len: int,
+                 world_size: int) -> dict[str, Any]:
+    """Everything that must not change when a run is resumed (max_steps may: it extends the run)."""
+    identity = {"corpus": config.corpus, "shards": input_entry(shards_dir)["manifest_sha256"],
+                "vocab_size": index["vocab_size"], "preset": config.preset, "seq_len": seq_len,
+                "seed": config.seed, "dropout": config.dropout, "world_size": world_size,
+                "zero_stage": ds["zero_optimization"]["stage"], "offload": offload_devices(ds),
+                "precision": precision(ds), "micro_batch_size": ds["train_micro_batch_size_per_gpu"],
+                "grad_accum": ds["gradient_accumulation_steps"], "optimizer": ds["optimizer"],
+                "gradient_clipping": ds.get("gradient_clipping")}
+    return json.loads(json.dumps(identity))  # as it reads back from run.json (tuples become lists)
+
+
+def _check_resume(ckpt_dir: Path, identity: dict[str, Any]) -> None:
+    path = ckpt_dir / checkpoint.RUN_FILE
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())["identity"]
+    changed = sorted(key for key in set(saved) | set(identity) if saved.get(key) != identity.get(key))
+    if changed:
+        raise PipelineError(
+            f"{ckpt_dir} holds a run made with different settings ({', '.join(changed)}), so it cannot be "
+            "resumed with these. Start a separate run with --run NAME, or start this one over with --force."
+        )
+
+
+def run(config: TrainConfig) -> Path:
+    import deepspeed
+    from deepspeed import comm as dist
+
+    started = time.time()
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    setup_logging(rank)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    data, name = DataDir(config.data_dir), run_name(config)
+    ckpt_dir, log_dir = data.checkpoints(name), data.runs(name)
+    shards_dir = data.shards(config.corpus)
+    index = load_index(shards_dir, checksums=config.verify_data)
+    seq_len = config.seq_len or preset_context(config.preset)
+    if seq_len > preset_context(config.preset):
+        raise PipelineError(
+            f"--seq-len {seq_len} is longer than the {config.preset} context of {preset_context(config.preset)}."
+        )
+    ds = deepspeed_config(config, world_size, data.root, name)
+    identity = run_identity(config, ds, index, shards_dir, seq_len, world_size)
+    if rank == 0 and config.force:
+        for folder in (ckpt_dir, log_dir, data.nvme(name)):
+            shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()
+    _check_resume(ckpt_dir, identity)
+    end_step = min(config.max_steps, config.stop_after or config.max_steps)
+    if checkpoint.latest_step(ckpt_dir) >= end_step:
+        log.info("run %s is already trained to step %d: nothing to do", name, checkpoint.latest_step(ckpt_dir))
+        return ckpt_dir
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(ckpt_dir / checkpoint.RUN_FILE, {"identity": identity, "config": asdict(config),
+                                                           "tokenizer": index["tokenizer"]})
+        write_json_atomic(ckpt_dir / "ds_config.json", ds)
+    dist.barrier()
+    log.info("run %s: %s", name, describe(ds))
+    merged = json.dumps({"train": asdict(config), "deepspeed": ds}, indent=2, default=str)
+    log.info("merged config:\n%s", merged)
+
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    batches = TrainBatches(TokenSequences(shards_dir, index, "train", seq_len), config.seed, micro, accum, world_size)
+    torch.manual_seed(config.seed)
+    model = build_model(config.preset, index["vocab_size"], index["eot_id"], config.dropout)
+    n_params = parameter_count(model)
+    weight_decay = ds["optimizer"].get("params", {}).get("weight_decay", 0.0)
+    schedule = lr_schedule(config)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=optimizer_groups(model, weight_decay), config=ds,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+    client_state = checkpoint.load_latest(engine, ckpt_dir)
+    start_step = client_state["step"] if client_state else 0
+    if client_state:
+        checkpoint.restore_rng_states(client_state["rng"])
+        # The checkpoint holds the learning rate of its own schedule; a resumed run with a new --max-steps
+        # must continue on the new one (for an unchanged schedule this sets the same value).
+        scheduler = engine.lr_scheduler
+        for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base_lr * schedule(start_step)
+
+    tokens_per_step = ds["train_batch_size"] * seq_len
+    log.info("model %s: %.2fM parameters, %d tokens per step, training steps %d..%d of %d", config.preset,
+             n_params / 1e6, tokens_per_step, start_step + 1, end_step, config.max_steps)
+    metrics = Metrics(log_dir, rank == 0, start_step)
+    if start_step == 0:
+        metrics.text("config", f"```\n{merged}\n```")
+    for step in range(start_step, end_step):
+        step_started = time.perf_counter()
+        lr = engine.get_lr()[0]
+        loss_sum = torch.zeros((), device=engine.device)
+        for micro_step in range(accum):
+            inputs, targets = batches.get(step, micro_step, rank)
+            loss = lm_loss(engine, inputs.to(engine.device), targets.to(engine.device))
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only updates the weights on the last micro-step
+            loss_sum += loss.detach().float()
+        dist.all_reduce(loss_sum)
+        mean_loss = loss_sum.item() / (accum * world_size)
+        step_seconds = time.perf_counter() - step_started
+        grad_norm = engine.get_global_grad_norm()
+        done = step + 1
+        metrics.log(done, {"loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "tokens_per_second": tokens_per_step / step_seconds, "step_seconds": step_seconds})
+        if done % config.log_every == 0 or done in (start_step + 1, end_step):
+            eta = (config.max_steps - done) * step_seconds
+            log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %.0f tokens/s | %.2fs/step | eta %dm%02ds",
+                     done, config.max_steps, mean_loss, lr, "-" if grad_norm is None else f"{float(grad_norm):.3f}",
+                     tokens_per_step / step_seconds, step_seconds, eta // 60, eta % 60)
+        if done % config.checkpoint_every == 0 or done == end_step:
+            state = {"step": done, "tokens_seen": done * tokens_per_step, "rng": checkpoint.rng_states()}
+            checkpoint.save(engine, ckpt_dir, done, state, config.keep_checkpoints)
+            if rank == 0:
+                checkpoint.write_run_manifest(ckpt_dir, identity, {"shards": input_entry(shards_dir)},
+                                              {"step": done, "tokens_seen": done * tokens_per_step}, started)
+    metrics.close()
+    log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", name, end_step, config.max_steps,
+             time.time() - started, ckpt_dir)
+    return ckpt_dir
+
+
+def main() -> None:
+    stage_main(TrainConfig, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Helpers for the tests: text of a known shape, and running the data stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from pipeline import download, shard, tokenize
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = [
+    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
+    "judge", "boxing", "matches", "and", "the", "river", "carries", "old", "leaves", "past", "the", "mill",
+]
+
+
+def english_documents(count: int, words: int, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-English documents for tests that need text of a known shape."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "." for _ in range(count)]
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return path
+
+
+def prepare(data_dir: Path, source: str, corpus: str, tokenizer: str, **shard_options) -> Path:
+    """download -> tokenize -> shard into data_dir, through the stages' run(config) entries."""
+    download.run(download.DownloadConfig(data_dir=data_dir, source=source, corpus=corpus))
+    tokenize.run(tokenize.TokenizeConfig(data_dir=data_dir, corpus=corpus, tokenizer=tokenizer))
+    shard.run(shard.ShardConfig(data_dir=data_dir, corpus=corpus, **shard_options))
+    return data_dir
+
+
+def subprocess_env(data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["ONECARD_DATA"] = str(data_dir)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
+        env.pop(name, None)  # set in this process by in-process training; a launched run gets its own
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,93 @@
+"""DeepSpeed configs: the shipped ones are valid DeepSpeed JSON; overrides merge and are validated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from pipeline.config import PipelineError
+from pipeline.dsconfig import check_nvme, describe, load_ds_config, merge_ds_config, offload_devices, precision
+
+CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+
+
+def merge(ds: dict, **options) -> dict:
+    defaults = {"world_size": 1, "max_steps": 10, "data_dir": Path("/data"), "run": "r"}
+    return merge_ds_config(ds, "test.json", **{**defaults, **options})
+
+
+def test_the_three_required_configs_ship() -> None:
+    assert {"zero2_offload.json", "zero3_offload.json", "zero3_nvme.json"} <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid_deepspeed_json(path: Path) -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = load_ds_config(path)
+    parsed = DeepSpeedConfig(json.loads(path.read_text()))
+    assert parsed.zero_optimization_stage == ds["zero_optimization"]["stage"] in (2, 3)
+    assert ds["optimizer"]["type"] == "AdamW" and "scheduler" not in ds
+    assert ds["gradient_clipping"] == 1.0 and precision(ds) == "bf16"
+
+
+def test_config_offload_layout() -> None:
+    layout = {p.stem: offload_devices(load_ds_config(p)) for p in CONFIGS}
+    assert layout["zero2_offload"] == ("none", "cpu")
+    assert layout["zero3_offload"] == ("cpu", "cpu")
+    assert layout["zero3_nvme"] == ("nvme", "nvme")
+
+
+def test_overrides_are_merged_and_batch_size_computed() -> None:
+    ds = merge(load_ds_config(REPO / "ds_configs" / "zero3_nvme.json"), world_size=2, micro_batch_size=3,
+               grad_accum=4, precision_override="fp32", lr=1e-3)
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (3, 4, 24)
+    assert precision(ds) == "fp32" and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert ds["zero_optimization"]["offload_param"]["nvme_path"] == "/data/nvme/r"
+    assert merge(load_ds_config(REPO / "ds_configs" / "zero3_nvme.json"), nvme_path="/mnt/fast")[
+        "zero_optimization"]["offload_optimizer"]["nvme_path"] == "/mnt/fast/r"
+    assert "batch 3 per rank x 4 accumulation x 2 ranks = 24 sequences" in describe(ds)
+
+
+def test_inconsistent_batch_sizes_are_refused_with_the_arithmetic() -> None:
+    ds = {"optimizer": {"type": "AdamW"}, "train_batch_size": 32, "train_micro_batch_size_per_gpu": 4,
+          "gradient_accumulation_steps": 4}
+    assert merge(ds, world_size=2)["train_batch_size"] == 32
+    with pytest.raises(PipelineError, match=r"train_batch_size is 32, but .* 4 x .* 4 x 1 rank\(s\) = 16"):
+        merge(ds, world_size=1)
+    with pytest.raises(PipelineError, match="train_micro_batch_size_per_gpu is 0"):
+        merge({"optimizer": {}, "train_micro_batch_size_per_gpu": 0})
+
+
+@pytest.mark.parametrize(("ds", "message"), [
+    ({"optimizer": {}, "train_micro_batch_size_per_gpu": "auto"}, r'train_micro_batch_size_per_gpu is "auto"'),
+    ({"train_micro_batch_size_per_gpu": 1}, r'has no "optimizer" section'),
+    ({"optimizer": {}, "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "fp16": {"enabled": True}},
+     "enables both bf16 and fp16"),
+    ({"optimizer": {}, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 4}}, "must be 0, 1, 2 or 3"),
+])
+def test_invalid_configs_are_refused(ds: dict, message: str) -> None:
+    with pytest.raises(PipelineError, match=message):
+        merge(ds)
+
+
+def test_malformed_json_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "train_micro_batch_size_per_gpu": 4,\n}\n')
+    with pytest.raises(PipelineError, match=r"broken\.json is not valid JSON: .* line 3"):
+        load_ds_config(path)
+    with pytest.raises(PipelineError, match=r"cannot read the DeepSpeed config .*missing\.json"):
+        load_ds_config(tmp_path / "missing.json")
+
+
+def test_unwritable_nvme_path_is_refused_before_training(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    ds = merge(load_ds_config(REPO / "ds_configs" / "zero3_nvme.json"), nvme_path=str(tmp_path / "a-file"))
+    with pytest.raises(PipelineError, match=r"the NVMe swap folder .*a-file/r is not writable"):
+        check_nvme(ds)
+    check_nvme(merge(load_ds_config(REPO / "ds_configs" / "zero3_nvme.json"), nvme_path=str(tmp_path / "ok")))
+    assert (tmp_path / "ok" / "r").is_dir()

@@ -1,0 +1,67 @@
+"""`make run`: the five stages end to end on the embedded default corpus, through the Makefile."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, subprocess_env
+
+STAGE_OUTPUTS = ["raw/builtin", "tokenizer/builtin-bpe4096", "tokens/builtin", "shards/builtin",
+                 "checkpoints/{run}", "eval/{run}", "export/{run}"]
+RUN = "builtin-tiny-zero3_offload"
+SETTINGS = ("STEPS=12", "TRAIN_ARGS=--seq-len 64 --micro-batch-size 4 --checkpoint-every 6 --lr 3e-3")
+
+
+def make(data_dir: Path, *args: str, dry_run: bool = False) -> subprocess.CompletedProcess:
+    env = {**subprocess_env(data_dir), "VIRTUAL_ENV": sys.prefix}  # use this environment, do not make a venv
+    command = ["make", *(["-n"] if dry_run else []), *args, f"DATA={data_dir}"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("make-run") / "data"
+    make(data_dir, "run", *SETTINGS)
+    return data_dir
+
+
+def test_make_run_builds_every_stage_and_learns(made: Path) -> None:
+    for folder in STAGE_OUTPUTS:
+        manifest = json.loads((made / folder.format(run=RUN) / "manifest.json").read_text())
+        assert manifest["files"], folder
+    report = json.loads((made / "eval" / RUN / "report.json").read_text())
+    assert report["step"] == 12
+    assert report["val_loss"] < report["untrained_val_loss"] - 1.0
+    assert list((made / "runs" / RUN).glob("events.out.tfevents.*"))
+
+
+def test_second_make_run_changes_nothing(made: Path) -> None:
+    def snapshot() -> dict[str, int]:
+        return {str(p): p.stat().st_mtime_ns for p in made.rglob("*") if p.is_file() and "runs" not in p.parts}
+
+    before = snapshot()
+    result = make(made, "run", *SETTINGS)
+    assert snapshot() == before
+    assert result.stderr.count("is up to date, skipping") == 6  # raw, tokenizer, tokens, shards, eval, export
+    assert "already trained to step 12" in result.stderr
+
+
+def test_make_train_runs_whatever_upstream_stage_is_missing(made: Path, tmp_path: Path) -> None:
+    fresh = make(tmp_path / "empty", "train", dry_run=True).stdout
+    order = [fresh.find(f"pipeline.{stage}") for stage in ("download", "tokenize", "shard")] + [
+        fresh.find("launch/train.py")]
+    assert -1 not in order and order == sorted(order), fresh
+    os.rename(made / "shards", tmp_path / "shards-moved")
+    try:
+        partial = make(made, "train", dry_run=True).stdout
+    finally:
+        os.rename(tmp_path / "shards-moved", made / "shards")
+    assert "pipeline.shard" in partial and "launch/train.py" in partial
+    assert "pipeline.download" not in partial and "pipeline.tokenize" not in partial

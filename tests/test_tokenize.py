@@ -1,0 +1,121 @@
+"""The tokenize stage: trained BPE, GPT-2-format and hub tokenizers, lossless ids, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO, english_documents, subprocess_env, write_jsonl
+
+from pipeline.artifacts import read_manifest
+from pipeline.config import PipelineError
+from pipeline.download import DownloadConfig, read_documents
+from pipeline.download import run as download
+from pipeline.shards import read_token_part
+from pipeline.tokenize import EOT, TokenizeConfig, load_tokenizer, run
+
+TEXTS = [*english_documents(60, 40), "Unicode survives: naïve café — ünïcödé ✓", "a<|endoftext|>b"]
+
+
+@pytest.fixture()
+def raw(tmp_path: Path) -> Path:
+    download(DownloadConfig(data_dir=tmp_path, source=str(write_jsonl(tmp_path / "docs.jsonl", TEXTS))))
+    return tmp_path
+
+
+def token_documents(data_dir: Path, corpus: str = "docs") -> list[list[int]]:
+    ids, offsets = read_token_part(data_dir / "tokens" / corpus, "part_00000")
+    return [ids[a:b].tolist() for a, b in pairwise(offsets)]
+
+
+def gpt2_format_folder(folder: Path) -> Path:
+    """A tokenizer in GPT-2's original release format (vocab.json + merges.txt), trained here."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TEXTS * 3, vocab_size=400, special_tokens=[EOT], show_progress=False)
+    folder.mkdir()
+    bpe.save_model(str(folder))
+    return folder
+
+
+def test_trained_bpe_is_lossless_and_recorded(raw: Path) -> None:
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer="bpe:300"))
+    tokenizer = load_tokenizer(raw / "tokenizer" / "docs-bpe300")
+    docs = token_documents(raw)
+    assert [tokenizer.decode(ids) for ids in docs] == list(read_documents(raw / "raw" / "docs"))
+    manifest = read_manifest(raw / "tokens" / "docs", "tokenize")
+    assert manifest["counts"] == {"documents": len(TEXTS), "tokens": sum(map(len, docs))}
+    assert manifest["params"] == {"tokenizer": "docs-bpe300", "vocab_size": len(tokenizer),
+                                  "eot_id": tokenizer.convert_tokens_to_ids(EOT)}
+    assert np.load(raw / "tokens" / "docs" / "part_00000.ids.npy").dtype == np.uint16
+    assert tokenizer("a<|endoftext|>b")["input_ids"][1] == manifest["params"]["eot_id"]
+
+
+def test_gpt2_format_folder_gives_the_ids_of_transformers_gpt2_tokenizer(raw: Path) -> None:
+    from transformers import GPT2Tokenizer
+
+    folder = gpt2_format_folder(raw / "my-gpt2")
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer=str(folder)))
+    vocab = json.loads((folder / "vocab.json").read_text())
+    merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text().splitlines()[1:] if line]
+    reference = GPT2Tokenizer(vocab=vocab, merges=merges)
+    assert token_documents(raw) == [reference(text)["input_ids"] for text in TEXTS]
+    assert (raw / "tokenizer" / "my-gpt2" / "tokenizer.json").is_file()
+
+
+def test_hub_name_is_loaded_through_the_hub_cache(raw: Path, tmp_path: Path) -> None:
+    from transformers import GPT2Config, PreTrainedTokenizerFast
+
+    folder = gpt2_format_folder(tmp_path / "src")
+    from tokenizers import ByteLevelBPETokenizer
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")), eos_token=EOT)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--testorg--tiny-gpt2"
+    tokenizer.save_pretrained(repo / "snapshots" / commit)
+    GPT2Config(vocab_size=len(tokenizer)).save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**subprocess_env(raw), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, "-m", "pipeline.tokenize", "--corpus", "docs", "--tokenizer",
+                             "testorg/tiny-gpt2"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert token_documents(raw) == [tokenizer(text)["input_ids"] for text in TEXTS]
+    assert read_manifest(raw / "tokenizer" / "tiny-gpt2", "tokenizer")["params"]["spec"] == "testorg/tiny-gpt2"
+
+
+def test_missing_raw_corpus_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match=r"raw/nothing/manifest\.json is missing.*make download"):
+        run(TokenizeConfig(data_dir=tmp_path, corpus="nothing"))
+
+
+def test_tokenizer_without_end_of_text_is_refused(raw: Path) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TEXTS, vocab_size=300, show_progress=False)
+    (raw / "no-eot").mkdir()
+    bpe.save_model(str(raw / "no-eot"))
+    with pytest.raises(PipelineError, match=r"has no <\|endoftext\|> token"):
+        run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer=str(raw / "no-eot")))
+    assert not (raw / "tokens" / "docs").exists()
+
+
+def test_retokenizing_with_another_tokenizer_needs_force(raw: Path) -> None:
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer="bpe:300"))
+    with pytest.raises(PipelineError, match=r"tokens/docs already exists.*--force"):
+        run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer="bpe:320"))
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer="bpe:320", force=True))
+    assert read_manifest(raw / "tokens" / "docs", "tokenize")["params"]["tokenizer"] == "docs-bpe320"
+
+
+def test_bad_vocabulary_size_is_refused(raw: Path) -> None:
+    with pytest.raises(PipelineError, match="at least 258"):
+        run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer="bpe:100"))

@@ -1,0 +1,198 @@
+"""The train stage under DeepSpeed on CPU: every config learns, offload changes no math, resume is exact,
+two ranks split the batch, and the launcher command works as written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, english_documents, prepare, subprocess_env, write_jsonl
+
+from pipeline.checkpoint import latest_tag, load_weights
+from pipeline.config import PipelineError
+from pipeline.data import TokenSequences, TrainBatches
+from pipeline.dsconfig import load_ds_config
+from pipeline.metrics import read_metrics
+from pipeline.model import build_model, lm_loss, optimizer_groups
+from pipeline.shard import load_index
+from pipeline.train import TrainConfig, lr_schedule
+from pipeline.train import run as train_run
+
+CONFIGS = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))
+SEQ_LEN = 32
+
+
+DEFAULTS = {"seq_len": SEQ_LEN, "micro_batch_size": 2, "max_steps": 6, "log_every": 1, "precision": "fp32",
+            "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 100}
+
+
+def train(data_dir: Path, config: str, run: str, **options) -> list[dict]:
+    """Train in this process, through pipeline.train.run."""
+    train_run(TrainConfig(data_dir=data_dir, deepspeed=str(REPO / "ds_configs" / f"{config}.json"), run=run,
+                          **{**DEFAULTS, **options}))
+    return read_metrics(data_dir / "runs" / run)
+
+
+def launch(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(["deepspeed", *args], cwd=REPO, env=subprocess_env(data_dir), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_launched(data_dir: Path, config: str, run: str, *launcher_args: str, **options) -> list[dict]:
+    """Train in a new process, exactly as a user does: deepspeed launch/train.py --deepspeed ..."""
+    flags = [item for key, value in {**DEFAULTS, **options}.items()
+             for item in (f"--{key.replace('_', '-')}", str(value))]
+    launch(data_dir, *launcher_args, "launch/train.py", "--deepspeed", f"ds_configs/{config}.json", "--run", run,
+           *flags)
+    return read_metrics(data_dir / "runs" / run)
+
+
+def losses(metrics: list[dict]) -> list[float]:
+    return [m["loss"] for m in metrics]
+
+
+@pytest.fixture(scope="module")
+def one_batch_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A corpus whose train split is a handful of sequences: with the micro-batch set to all of them, every
+    step trains on the same batch."""
+    folder = tmp_path_factory.mktemp("one-batch")
+    source = write_jsonl(folder / "tiny.jsonl", english_documents(4, 60, seed=5))
+    data_dir = prepare(folder / "data", str(source), "tiny", "bpe:300")
+    train_tokens = sum(s["tokens"] for s in load_index(data_dir / "shards" / "tiny")["shards"] if s["split"] == "train")
+    return data_dir, (train_tokens - 1) // SEQ_LEN
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_learns_a_repeated_batch(one_batch_data: tuple[Path, int], config: str) -> None:
+    data_dir, sequences = one_batch_data
+    assert 2 <= sequences <= 16
+    metrics = train(data_dir, config, f"learn-{config}", corpus="tiny", micro_batch_size=sequences, max_steps=8,
+                    lr=3e-3, precision=None)
+    loss = losses(metrics)
+    assert len(loss) == 8 and all(torch.isfinite(torch.tensor(loss)))
+    assert loss[-1] < loss[0] - 1.0, loss
+    assert latest_tag(data_dir / "checkpoints" / f"learn-{config}") == "step_00000008"
+
+
+def reference_losses(data_dir: Path, steps: int, micro: int, accum: int) -> tuple[list[float], dict]:
+    """The same recipe in plain PyTorch: torch.optim.AdamW, no DeepSpeed, no offload."""
+    shards_dir = data_dir / "shards" / "builtin"
+    index = load_index(shards_dir)
+    batches = TrainBatches(TokenSequences(shards_dir, index, "train", SEQ_LEN), 1337, micro, accum, 1)
+    adam = load_ds_config(REPO / "ds_configs" / "zero2_offload.json")["optimizer"]["params"]
+    torch.manual_seed(1337)
+    model = build_model("tiny", index["vocab_size"], index["eot_id"])
+    optimizer = torch.optim.AdamW(optimizer_groups(model, adam["weight_decay"]), lr=2e-3, betas=adam["betas"],
+                                  eps=adam["eps"])
+    schedule = lr_schedule(TrainConfig(max_steps=steps, warmup_steps=2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    result = []
+    for step in range(steps):
+        total = 0.0
+        for micro_step in range(accum):
+            loss = lm_loss(model, *batches.get(step, micro_step, 0))
+            (loss / accum).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        result.append(total / accum)
+    return result, model.state_dict()
+
+
+@pytest.mark.parametrize("config", ["zero2_offload", "zero3_nvme"])
+def test_offload_changes_no_math(data_copy: Path, config: str) -> None:
+    expected, expected_weights = reference_losses(data_copy, steps=6, micro=2, accum=2)
+    got = losses(train(data_copy, config, "math", grad_accum=2))
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    _, weights = load_weights(data_copy / "checkpoints" / "math")
+    assert set(weights) == set(expected_weights) - {"lm_head.weight"}  # tied to the token embedding
+    for name, value in weights.items():
+        torch.testing.assert_close(value, expected_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def assert_same_run(data_dir: Path, straight: list[dict], resumed: list[dict]) -> None:
+    assert [m["step"] for m in resumed] == [m["step"] for m in straight] == list(range(1, 7))
+    assert losses(resumed) == losses(straight)
+    assert [m["lr"] for m in resumed] == [m["lr"] for m in straight]
+    _, a = load_weights(data_dir / "checkpoints" / "straight")
+    _, b = load_weights(data_dir / "checkpoints" / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_exact(data_copy: Path) -> None:
+    straight = train(data_copy, "zero3_offload", "straight", checkpoint_every=3)
+    train(data_copy, "zero3_offload", "resumed", stop_after=3)
+    assert latest_tag(data_copy / "checkpoints" / "resumed") == "step_00000003"
+    assert_same_run(data_copy, straight, train(data_copy, "zero3_offload", "resumed"))
+
+
+def test_resume_is_exact_with_nvme_offload_in_new_processes(data_copy: Path) -> None:
+    # A restart is a new process; DeepSpeed names its NVMe swap files after per-process parameter ids.
+    straight = train_launched(data_copy, "zero3_nvme", "straight", checkpoint_every=3)
+    train_launched(data_copy, "zero3_nvme", "resumed", stop_after=3)
+    assert_same_run(data_copy, straight, train_launched(data_copy, "zero3_nvme", "resumed"))
+
+
+def test_finished_run_is_not_trained_again_and_changed_settings_are_refused(data_copy: Path) -> None:
+    train(data_copy, "zero2_offload", "done", max_steps=2)
+    events = sorted((data_copy / "runs" / "done").glob("events.*"))
+    train(data_copy, "zero2_offload", "done", max_steps=2)
+    assert sorted((data_copy / "runs" / "done").glob("events.*")) == events
+    with pytest.raises(PipelineError, match=r"different settings \(seq_len\).*--force"):
+        train(data_copy, "zero2_offload", "done", max_steps=4, seq_len=16)
+    assert losses(train(data_copy, "zero2_offload", "done", max_steps=3, seq_len=16, force=True))[0] > 0
+
+
+def test_tensorboard_gets_the_training_scalars(data_copy: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(data_copy, "zero2_offload", "tb", max_steps=3)
+    events = EventAccumulator(str(data_copy / "runs" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_second"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    run_dir = data_copy / "checkpoints" / "tb"
+    assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 2
+    assert json.loads((run_dir / "run.json").read_text())["config"]["max_steps"] == 3
+
+
+def test_configs_the_trainer_cannot_use_are_refused(data_copy: Path, tmp_path: Path) -> None:
+    stage0 = tmp_path / "stage0.json"
+    stage0.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW"}}))
+    with pytest.raises(PipelineError, match="does not enable ZeRO"):
+        train_run(TrainConfig(data_dir=data_copy, deepspeed=str(stage0), run="x", seq_len=SEQ_LEN))
+    scheduled = tmp_path / "scheduled.json"
+    scheduled.write_text(json.dumps({**load_ds_config(REPO / "ds_configs" / "zero2_offload.json"),
+                                     "scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(PipelineError, match='has a "scheduler" section'):
+        train_run(TrainConfig(data_dir=data_copy, deepspeed=str(scheduled), run="x", seq_len=SEQ_LEN))
+    with pytest.raises(PipelineError, match="unknown --preset 'gpt5'"):
+        train(data_copy, "zero2_offload", "x", preset="gpt5")
+    with pytest.raises(PipelineError, match=r"shards/missing/manifest\.json is missing.*make shard"):
+        train(data_copy, "zero2_offload", "x", corpus="missing")
+    assert not (data_copy / "checkpoints" / "x").exists()
+
+
+def test_the_canonical_command_works_as_written(data_copy: Path) -> None:
+    result = launch(data_copy, "launch/train.py", "--deepspeed", "ds_configs/zero3_offload.json",
+                    "--max-steps", "3", "--seq-len", str(SEQ_LEN), "--micro-batch-size", "2")
+    assert latest_tag(data_copy / "checkpoints" / "builtin-tiny-zero3_offload") == "step_00000003"
+    assert "ZeRO-3, parameters on CPU, optimizer on CPU" in result.stderr + result.stdout
+
+
+def test_two_ranks_split_the_global_batch(data_copy: Path) -> None:
+    """Two ranks with micro-batch 2 must see exactly the samples of one rank with micro-batch 4: same losses."""
+    two = train_launched(data_copy, "zero2_offload", "two", "--num_gpus", "2", max_steps=4)
+    one = train(data_copy, "zero2_offload", "one", max_steps=4, micro_batch_size=4)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    run_dir = data_copy / "checkpoints" / "two"
+    assert json.loads((run_dir / "run.json").read_text())["identity"]["world_size"] == 2
+    assert len(list((run_dir / "step_00000004").glob("*optim_states.pt"))) == 2
