@@ -44,7 +44,7 @@ class TrainConfig(StageConfig):
     preset: str = field(default="tiny", metadata={"help": "tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"})
     run: str | None = field(default=None, metadata={"help": "run name (default: <corpus>-<preset>-<config>)"})
     seq_len: int | None = field(default=None, metadata={"help": "sequence length (default: the preset's context)"})
-    max_steps: int = field(default=200, metadata={"help": "optimizer steps to train for, in total"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps to train for, in total"})
     warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps (default: 5%% of max)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "the cosine decays to this fraction of the peak"})
     micro_batch_size: int | None = field(default=None, metadata={"help": "override the JSON's micro-batch"})

@@ -53,23 +53,18 @@ def test_truncated_shard_is_refused_with_its_name(tmp_path: Path) -> None:
         read_shard(path)
 
 
-def test_wrong_magic_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("offset", "value", "message"), [
+    (0, b"NOTASHRD", r"s\.bin is not a onecard shard: wrong magic"),
+    (8, struct.pack("<I", 7), r"s\.bin has shard format version 7"),
+    (12, struct.pack("<I", 3), r"s\.bin has an invalid token size of 3 bytes"),
+])
+def test_damaged_header_is_refused(tmp_path: Path, offset: int, value: bytes, message: str) -> None:
     path = tmp_path / "s.bin"
     write_shard(path, documents(512), vocab_size=512, eot_id=0)
     data = bytearray(path.read_bytes())
-    data[:8] = b"NOTASHRD"
+    data[offset : offset + len(value)] = value
     path.write_bytes(bytes(data))
-    with pytest.raises(PipelineError, match=r"s\.bin is not a onecard shard: wrong magic"):
-        read_shard(path)
-
-
-def test_wrong_version_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "s.bin"
-    write_shard(path, documents(512), vocab_size=512, eot_id=0)
-    data = bytearray(path.read_bytes())
-    data[8:12] = struct.pack("<I", 7)
-    path.write_bytes(bytes(data))
-    with pytest.raises(PipelineError, match=r"s\.bin has shard format version 7"):
+    with pytest.raises(PipelineError, match=message):
         read_shard(path)
 
 
