@@ -74,8 +74,10 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in Path(ckpt_dir).glob(f"{TAG_PREFIX}*") if p.is_dir())
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: int) -> None:
-    """Save on every rank (ZeRO writes one shard per rank), then drop all but the newest `keep` checkpoints."""
+def save(engine: Any, model: torch.nn.Module, ckpt_dir: Path, step: int, client_state: dict[str, Any],
+         keep: int) -> None:
+    """Save on every rank (ZeRO writes one shard per rank), then drop all but the newest `keep` checkpoints.
+    `model` is the GPT-2 model inside the engine, whose weights go to the checkpoint's safetensors file."""
     from deepspeed import comm as dist
 
     tag = tag_for(step)
@@ -86,7 +88,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], k
         if dist.get_rank() == 0:
             shutil.rmtree(folder)  # half-written by a run that crashed while saving; `latest` never pointed here
         dist.barrier()
-    weights = gather_fp32_weights(engine)  # a collective: every rank takes part
+    weights = gather_fp32_weights(model)  # a collective: every rank takes part
     if dist.get_rank() == 0:
         folder.mkdir(parents=True)
         save_file(weights, str(folder / WEIGHTS))
@@ -165,13 +167,14 @@ def write_run_manifest(ckpt_dir: Path, identity: dict[str, Any], inputs: dict[st
                    immutable=written)
 
 
-def gather_fp32_weights(engine: Any) -> dict[str, torch.Tensor]:
-    """The full fp32 master weights, on rank 0 (an empty dict elsewhere). Tied weights appear once."""
+def gather_fp32_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full fp32 master weights of a model DeepSpeed trains, on rank 0 (an empty dict elsewhere).
+    Tied weights appear once."""
     from deepspeed import comm as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
     weights = {}
-    for name, param in engine.module.named_parameters():
+    for name, param in model.named_parameters():
         full = safe_get_full_fp32_param(param)
         if dist.get_rank() == 0:
             weights[name] = full.detach().to("cpu", torch.float32, copy=True).contiguous()

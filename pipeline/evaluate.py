@@ -31,6 +31,7 @@ log = logging.getLogger("onecard")
 
 FORMAT_VERSION = 1
 PROMPTS = ("The", "In Python, a list is", "This function returns")
+LOSS_CHUNK_TOKENS = 2048  # the full logits of a GPT-2 XL batch would not fit beside the model on a small card
 
 
 @dataclass
@@ -67,7 +68,7 @@ def validation_loss(model: torch.nn.Module, sequences: TokenSequences, batch_siz
     total, count = 0.0, 0
     with autocast:
         for inputs, targets in sequences.in_order(batch_size, max(1, max_tokens // sequences.seq_len)):
-            total += lm_loss(model, inputs.to(device), targets.to(device)).item() * len(inputs)
+            total += lm_loss(model, inputs.to(device), targets.to(device), LOSS_CHUNK_TOKENS).item() * len(inputs)
             count += len(inputs)
     return total / count
 

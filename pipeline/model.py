@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import PipelineError
 
@@ -47,10 +48,51 @@ def build_model(preset: str, vocab_size: int, eot_id: int, dropout: float = 0.0)
     return GPT2LMHeadModel(model_config(preset, vocab_size, eot_id, dropout))
 
 
-def lm_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; targets are the inputs shifted by one, prepared by the data loader."""
-    logits = model(input_ids=inputs, use_cache=False).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+def lm_loss(model: Any, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy of a GPT2LMHeadModel; targets are the inputs shifted by one.
+
+    With `chunk_tokens`, the output layer and the loss run over that many positions at a time and each chunk's
+    logits are recomputed in the backward pass, so the fp32 `tokens x vocabulary` logits (1.6 GB for 8 x 1024
+    tokens of GPT-2) never exist at once: the peak is one chunk's.
+    """
+    if not chunk_tokens:
+        logits = model(input_ids=inputs, use_cache=False).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+    hidden = model.transformer(input_ids=inputs, use_cache=False).last_hidden_state
+    hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for hidden_chunk, target_chunk in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens), strict=True):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_summed_loss, model.lm_head, hidden_chunk, target_chunk, use_reentrant=False)
+        else:
+            total = total + _summed_loss(model.lm_head, hidden_chunk, target_chunk)
+    return total / targets.numel()
+
+
+def _summed_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+class TrainingModel(torch.nn.Module):
+    """The GPT-2 model and its loss in one module, so that `engine(inputs, targets)` returns the loss and
+    DeepSpeed sees (and partitions, and hooks) everything the step computes."""
+
+    def __init__(self, lm: torch.nn.Module, loss_chunk_tokens: int = 0) -> None:
+        super().__init__()
+        self.lm = lm
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.lm, inputs, targets, self.loss_chunk_tokens)
+
+
+def flops_per_token(model: Any, seq_len: int) -> float:
+    """Training FLOPs per token, as PaLM's appendix, nanoGPT and llm.c count them: 6 per parameter (forward and
+    backward; position embeddings excluded, the tied output layer included) plus 12 x layers x width x T for
+    attention. Activation recomputation is not counted: this is model FLOPs, the basis of MFU."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters()) - config.n_positions * config.n_embd
+    return 6 * params + 12 * config.n_layer * config.n_embd * seq_len
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -30,8 +30,16 @@ from pipeline.artifacts import input_entry, write_json_atomic
 from pipeline.config import DataDir, PipelineError, StageConfig, setup_logging, stage_main
 from pipeline.data import TokenSequences, TrainBatches
 from pipeline.dsconfig import check_nvme, describe, load_ds_config, merge_ds_config, offload_devices, precision
+from pipeline.hardware import MemoryProbe, cap_gpu_memory, device_name, peak_tflops
 from pipeline.metrics import Metrics
-from pipeline.model import build_model, lm_loss, optimizer_groups, parameter_count, preset_context
+from pipeline.model import (
+    TrainingModel,
+    build_model,
+    flops_per_token,
+    optimizer_groups,
+    parameter_count,
+    preset_context,
+)
 from pipeline.shard import load_index
 
 log = logging.getLogger("onecard")
@@ -51,12 +59,25 @@ class TrainConfig(StageConfig):
     grad_accum: int | None = field(default=None, metadata={"help": "override gradient_accumulation_steps"})
     precision: Literal["bf16", "fp16", "fp32"] | None = field(default=None, metadata={"help": "override precision"})
     lr: float | None = field(default=None, metadata={"help": "override the optimizer's peak learning rate"})
+    activation_checkpointing: int = field(
+        default=0, metadata={"help": "recompute activations of every k-th transformer block in the backward "
+                             "pass: 0 off, 1 every block, k every k-th (less memory, more compute)"})
+    activation_offload: bool = field(
+        default=False, metadata={"help": "keep the checkpointed activations in pinned host memory"})
+    loss_chunk_tokens: int = field(
+        default=2048, metadata={"help": "compute the output layer and loss this many tokens at a time, so the "
+                                "full logits never exist (0: all at once)"})
+    gpu_mem_cap: float | None = field(
+        default=None, metadata={"help": "cap this process's GPU allocator at this many GiB (emulate a smaller card)"})
+    peak_tflops: float | None = field(
+        default=None, metadata={"help": "the GPU's dense bf16 peak for MFU (default: from the built-in table)"})
     seed: int = field(default=1337, metadata={"help": "seeds the weights and the data order"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability (GPT-2 pre-training: 0)"})
     stop_after: int | None = field(
         default=None, metadata={"help": "stop with a checkpoint after this step, e.g. to fit a job's time limit "
                                 "(the schedule still runs to --max-steps; run again to continue)"})
-    checkpoint_every: int = field(default=100, metadata={"help": "save a checkpoint every N steps (and at the end)"})
+    checkpoint_every: int = field(
+        default=100, metadata={"help": "save a checkpoint every N steps and at the end (0: never, for benchmarks)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
     log_every: int = field(default=10, metadata={"help": "console line every N steps"})
     nvme_path: str | None = field(default=None, metadata={"help": "NVMe swap root (relative: under --data-dir)"})
@@ -143,6 +164,7 @@ def _check_resume(ckpt_dir: Path, identity: dict[str, Any]) -> None:
 def run(config: TrainConfig) -> Path:
     import deepspeed
     from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
 
     started = time.time()
     init_distributed()
@@ -182,14 +204,19 @@ def run(config: TrainConfig) -> Path:
 
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     batches = TrainBatches(TokenSequences(shards_dir, index, "train", seq_len), config.seed, micro, accum, world_size)
+    if config.gpu_mem_cap is not None:
+        cap_gpu_memory(config.gpu_mem_cap)
     torch.manual_seed(config.seed)
-    model = build_model(config.preset, index["vocab_size"], index["eot_id"], config.dropout)
-    n_params = parameter_count(model)
+    model = build_model(config.preset, index["vocab_size"], index["eot_id"], config.dropout).train()
+    if config.activation_checkpointing:
+        model.activation_checkpointing_enable(every_n_layers=config.activation_checkpointing,
+                                              offload=config.activation_offload)
+    n_params, flops = parameter_count(model), flops_per_token(model, seq_len)
     weight_decay = ds["optimizer"].get("params", {}).get("weight_decay", 0.0)
     schedule = lr_schedule(config)
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=optimizer_groups(model, weight_decay), config=ds,
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        model=TrainingModel(model, config.loss_chunk_tokens), model_parameters=optimizer_groups(model, weight_decay),
+        config=ds, lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
     client_state = checkpoint.load_latest(engine, ckpt_dir)
     start_step = client_state["step"] if client_state else 0
@@ -202,36 +229,57 @@ def run(config: TrainConfig) -> Path:
             group["lr"] = base_lr * schedule(start_step)
 
     tokens_per_step = ds["train_batch_size"] * seq_len
-    log.info("model %s: %.2fM parameters, %d tokens per step, training steps %d..%d of %d", config.preset,
-             n_params / 1e6, tokens_per_step, start_step + 1, end_step, config.max_steps)
-    metrics = Metrics(log_dir, rank == 0, start_step)
+    peak = peak_tflops(config.peak_tflops)
+    log.info("model %s: %.2fM parameters, %.2f GFLOP/token, %d tokens per step, training steps %d..%d of %d on %s",
+             config.preset, n_params / 1e6, flops / 1e9, tokens_per_step, start_step + 1, end_step, config.max_steps,
+             device_name())
+    metrics, memory = Metrics(log_dir, rank == 0, start_step), MemoryProbe()
     if start_step == 0:
         metrics.text("config", f"```\n{merged}\n```")
+    sync = get_accelerator().synchronize  # so that the time of each phase is the device's, not the launch's
     for step in range(start_step, end_step):
-        step_started = time.perf_counter()
         lr = engine.get_lr()[0]
         loss_sum = torch.zeros((), device=engine.device)
+        times = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         for micro_step in range(accum):
-            inputs, targets = batches.get(step, micro_step, rank)
-            loss = lm_loss(engine, inputs.to(engine.device), targets.to(engine.device))
-            engine.backward(loss)
-            engine.step()  # DeepSpeed only updates the weights on the last micro-step
+            inputs, targets = (t.to(engine.device) for t in batches.get(step, micro_step, rank))
+            started_micro = time.perf_counter()
+            loss = engine(inputs, targets)
+            sync()
+            forward_done = time.perf_counter()
+            engine.backward(loss)  # with ZeRO-Offload this also moves the gradients to the CPU
+            sync()
+            backward_done = time.perf_counter()
+            engine.step()  # the weights change on the last micro-step only: CPU Adam, then the upload
+            sync()
+            times["forward"] += forward_done - started_micro
+            times["backward"] += backward_done - forward_done
+            times["optimizer"] += time.perf_counter() - backward_done
             loss_sum += loss.detach().float()
         dist.all_reduce(loss_sum)
         mean_loss = loss_sum.item() / (accum * world_size)
-        step_seconds = time.perf_counter() - step_started
+        step_seconds = sum(times.values())
         grad_norm = engine.get_global_grad_norm()
+        tokens_per_second = tokens_per_step / step_seconds
+        tflops = flops * tokens_per_second / world_size / 1e12  # per device, as MFU is
         done = step + 1
-        metrics.log(done, {"loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                           "tokens_per_second": tokens_per_step / step_seconds, "step_seconds": step_seconds})
+        readings = memory.sample()
+        metrics.log(done, {
+            "loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_second": tokens_per_second, "tflops": tflops, "mfu": tflops / peak if peak else None,
+            "step_seconds": step_seconds, **{f"{phase}_seconds": value for phase, value in times.items()},
+            **readings,
+        })
         if done % config.log_every == 0 or done in (start_step + 1, end_step):
             eta = (config.max_steps - done) * step_seconds
-            log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %.0f tokens/s | %.2fs/step | eta %dm%02ds",
-                     done, config.max_steps, mean_loss, lr, "-" if grad_norm is None else f"{float(grad_norm):.3f}",
-                     tokens_per_step / step_seconds, step_seconds, eta // 60, eta % 60)
-        if done % config.checkpoint_every == 0 or done == end_step:
+            log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %.0f tokens/s | %.1f TFLOP/s%s | %.2fs/step "
+                     "(fwd %.2f, bwd %.2f, opt %.2f) | %s | eta %dm%02ds", done, config.max_steps, mean_loss, lr,
+                     "-" if grad_norm is None else f"{float(grad_norm):.3f}", tokens_per_second, tflops,
+                     f" ({100 * tflops / peak:.1f}% MFU)" if peak else "", step_seconds, times["forward"],
+                     times["backward"], times["optimizer"], _memory_summary(readings), eta // 60, eta % 60)
+        if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == end_step):
             state = {"step": done, "tokens_seen": done * tokens_per_step, "rng": checkpoint.rng_states()}
-            checkpoint.save(engine, ckpt_dir, done, state, config.keep_checkpoints)
+            checkpoint.save(engine, model, ckpt_dir, done, state, config.keep_checkpoints)
             if rank == 0:
                 checkpoint.write_run_manifest(ckpt_dir, identity, {"shards": input_entry(shards_dir)},
                                               {"step": done, "tokens_seen": done * tokens_per_step}, started)
@@ -239,6 +287,15 @@ def run(config: TrainConfig) -> Path:
     log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", name, end_step, config.max_steps,
              time.time() - started, ckpt_dir)
     return ckpt_dir
+
+
+def _memory_summary(readings: dict[str, float | None]) -> str:
+    parts = [f"host RSS {readings['host_rss_gib']:.1f} GiB"]
+    if readings["peak_gpu_reserved_gib"] is not None:
+        parts.insert(0, f"GPU peak {readings['peak_gpu_reserved_gib']:.1f} GiB reserved")
+    if readings["peak_gpu_nvml_gib"] is not None:
+        parts.insert(1, f"{readings['peak_gpu_nvml_gib']:.1f} GiB NVML")
+    return ", ".join(parts)
 
 
 def main() -> None:

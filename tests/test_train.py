@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ def train(data_dir: Path, config: str, run: str, **options) -> list[dict]:
 
 
 def launch(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(["deepspeed", *args], cwd=REPO, env=subprocess_env(data_dir), capture_output=True,
+    launcher = Path(sys.executable).with_name("deepspeed")  # the `deepspeed` command of this environment
+    result = subprocess.run([str(launcher), *args], cwd=REPO, env=subprocess_env(data_dir), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -162,6 +164,20 @@ def test_tensorboard_gets_the_training_scalars(data_copy: Path) -> None:
     run_dir = data_copy / "checkpoints" / "tb"
     assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 2
     assert json.loads((run_dir / "run.json").read_text())["config"]["max_steps"] == 3
+
+
+def test_memory_savers_change_no_math_and_metrics_are_logged(data_copy: Path) -> None:
+    """Activation checkpointing and the chunked loss, under ZeRO-3: same losses, other memory."""
+    plain = train(data_copy, "zero3_offload", "plain", max_steps=3, loss_chunk_tokens=0)
+    saving = train(data_copy, "zero3_offload", "saving", max_steps=3, activation_checkpointing=1,
+                   loss_chunk_tokens=24, peak_tflops=0.5)
+    assert losses(saving) == pytest.approx(losses(plain), rel=1e-5)
+    for metric in saving:
+        assert metric["tflops"] > 0 and metric["mfu"] == pytest.approx(metric["tflops"] / 0.5)
+        assert metric["step_seconds"] == pytest.approx(
+            metric["forward_seconds"] + metric["backward_seconds"] + metric["optimizer_seconds"])
+        assert metric["peak_host_rss_gib"] >= metric["host_rss_gib"] > 0
+    assert "mfu" not in plain[0]  # no known peak on a CPU
 
 
 def test_configs_the_trainer_cannot_use_are_refused(data_copy: Path, tmp_path: Path) -> None:

@@ -1,0 +1,132 @@
+"""What the training-throughput benchmark's workers share: their options, their data, and the result record.
+
+Every system trains the same model (a `pipeline.model` preset) on the same batches (`pipeline.data`, from the
+same shards) and reports one JSON object with the keys of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the workers run as scripts: make `pipeline` importable
+
+from pipeline.config import DataDir, default_data_dir  # noqa: E402
+from pipeline.data import TokenSequences, TrainBatches  # noqa: E402
+from pipeline.hardware import MemoryProbe, device_name, peak_tflops  # noqa: E402
+from pipeline.model import build_model, flops_per_token, preset_context  # noqa: E402
+from pipeline.shard import load_index  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    preset: str = field(default="tiny", metadata={"help": "model preset"})
+    seq_len: int | None = field(default=None, metadata={"help": "sequence length (default: the preset's context)"})
+    steps: int = field(default=20, metadata={"help": "optimizer steps to run"})
+    warmup_steps: int = field(default=3, metadata={"help": "first steps left out of the throughput"})
+    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    precision: str = field(default="bf16", metadata={"help": "bf16 or fp32"})
+    lr: float = field(default=3e-4, metadata={"help": "learning rate (constant)"})
+    gpu_mem_cap: float | None = field(default=None, metadata={"help": "GPU allocator cap in GiB"})
+    data_dir: Path = field(default_factory=default_data_dir, metadata={"help": "onecard data directory"})
+    corpus: str = field(default="builtin", metadata={"help": "corpus whose shards to train on"})
+    config: str = field(default="", metadata={"help": "the system's configuration (a DeepSpeed JSON, a mode)"})
+    result: Path = field(default=Path("result.json"), metadata={"help": "where to write the result"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
+
+    @property
+    def context(self) -> int:
+        return self.seq_len or preset_context(self.preset)
+
+
+def train_batches(config: BenchConfig, world_size: int = 1) -> tuple[TrainBatches, dict[str, Any]]:
+    shards_dir = DataDir(config.data_dir).shards(config.corpus)
+    index = load_index(shards_dir, checksums=False)
+    sequences = TokenSequences(shards_dir, index, "train", config.context)
+    return TrainBatches(sequences, 1337, config.micro_batch_size, config.grad_accum, world_size), index
+
+
+class StepLog:
+    """Per-step loss, time and memory; summarised into the benchmark's result record."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.seconds: list[float] = []
+        self.memory = MemoryProbe()
+        self.readings: dict[str, float | None] = {}
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def end(self, loss: float) -> None:
+        self.seconds.append(time.perf_counter() - self.started)
+        self.losses.append(loss)
+        self.readings = self.memory.sample()
+
+    def result(self, system: str, config: BenchConfig, index: dict[str, Any], command: list[str],
+               error: BaseException | None = None) -> dict[str, Any]:
+        """The record of this run; an error (out of memory above all) is a result, not a crash."""
+        self.readings = self.memory.sample()
+        record = summarise(system, config, model_flops(config, index), self.losses, self.seconds, self.readings,
+                           command)
+        if error is not None:
+            record["status"] = "oom" if is_out_of_memory(error) else "error"
+            record["error"] = f"{type(error).__name__}: {str(error)[:500]}"
+        return record
+
+
+def model_flops(config: BenchConfig, index: dict[str, Any]) -> float:
+    with torch.device("meta"):  # the count needs the shapes only
+        return flops_per_token(build_model(config.preset, index["vocab_size"], index["eot_id"]), config.context)
+
+
+def summarise(system: str, config: BenchConfig, flops: float, losses: list[float], seconds: list[float],
+              readings: dict[str, Any], command: list[str]) -> dict[str, Any]:
+    """The result record: throughput is the median over the steps after the warm-up."""
+    tokens_per_step = config.micro_batch_size * config.grad_accum * config.context
+    timed = seconds[config.warmup_steps:] or seconds
+    tokens_per_second = tokens_per_step / statistics.median(timed) if timed else None
+    peak = peak_tflops()
+    tflops = flops * tokens_per_second / 1e12 if tokens_per_second else None
+    return {
+        **base_record(system, config, command),
+        "status": "ok" if losses else "error",
+        "steps": len(losses),
+        "tokens_per_second": tokens_per_second,
+        "tflops": tflops,
+        "mfu": tflops / peak if tflops and peak else None,
+        "peak_gpu_mem_nvml_gib": readings.get("peak_gpu_nvml_gib"),
+        "peak_gpu_mem_reserved_gib": readings.get("peak_gpu_reserved_gib"),
+        "peak_host_rss_gib": readings.get("peak_host_rss_gib"),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+    }
+
+
+def base_record(system: str, config: BenchConfig, command: list[str]) -> dict[str, Any]:
+    return {
+        "system": system, "model": config.preset, "config": config.config, "device": device_name(),
+        "gpu_mem_cap_gib": config.gpu_mem_cap, "seq_len": config.context, "precision": config.precision,
+        "micro_batch_size": config.micro_batch_size, "grad_accum": config.grad_accum,
+        "command": " ".join(command), "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_result(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def is_out_of_memory(error: BaseException | str) -> bool:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return "OutOfMemoryError" in text or "out of memory" in text.lower()

@@ -1,0 +1,35 @@
+"""The training benchmark harness runs every system on CPU with the tiny preset, so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import REPO, subprocess_env
+
+KEYS = {"system", "model", "config", "device", "gpu_mem_cap_gib", "seq_len", "tokens_per_second", "mfu",
+        "peak_gpu_mem_nvml_gib", "peak_gpu_mem_reserved_gib", "peak_host_rss_gib", "steps", "first_loss",
+        "last_loss", "status", "command", "date"}
+
+
+def test_every_system_trains_the_same_model_on_the_same_data(builtin_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "bench/train_bench.py", "--data-dir", str(builtin_data), "--steps", "3", "--warmup-steps",
+         "1", "--seq-len", "32", "--micro-batch-size", "2", "--out", str(out)],
+        cwd=REPO, env=subprocess_env(builtin_data), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")}
+    assert set(records) == {"onecard-zero2_offload", "onecard-zero3_offload", "onecard-zero3_nvme",
+                            "hf-trainer-zero2_offload", "hf-trainer-zero3_offload", "fsdp2-fsdp2", "torch-plain"}
+    for name, record in records.items():
+        assert set(record) >= KEYS, name
+        assert record["status"] == "ok" and record["steps"] == 3, (name, record.get("error"))
+        assert record["tokens_per_second"] > 0 and record["peak_host_rss_gib"] > 0, name
+        assert (record["model"], record["seq_len"], record["device"]) == ("tiny", 32, "cpu")
+    # The same initial weights and the same first batch give the same first loss (up to bf16 rounding).
+    first = [records[n]["first_loss"] for n in ("onecard-zero2_offload", "onecard-zero3_offload", "torch-plain")]
+    assert max(first) - min(first) < 0.02, first
+    assert (out / "table.md").read_text().count("| ok |") == 7
