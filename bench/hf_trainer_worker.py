@@ -10,7 +10,7 @@ are onecard's; the Trainer does everything else its own way (its sampler, its lo
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+import tempfile
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ def main() -> None:
         torch.manual_seed(1337)
         model = build_model(config.preset, data.index["vocab_size"], data.index["eot_id"])
         args = TrainingArguments(
-            output_dir=str(Path(config.result).with_suffix("")), deepspeed=config.config,
+            output_dir=tempfile.mkdtemp(prefix="hf-trainer-"), deepspeed=config.config,
             per_device_train_batch_size=config.micro_batch_size, gradient_accumulation_steps=config.grad_accum,
             max_steps=config.steps, learning_rate=config.lr, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
             bf16=config.precision == "bf16", logging_steps=1, save_strategy="no", report_to=[],

@@ -12,6 +12,7 @@ table (also written to `<out>/table.md`). The throughput is the median step afte
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -54,7 +55,7 @@ def command_for(system: str, name: str, config: DriverConfig, result: Path) -> l
                  "--max-steps", str(config.steps), "--micro-batch-size", str(config.micro_batch_size),
                  "--grad-accum", str(config.grad_accum), "--precision", config.precision, "--lr", str(config.lr),
                  "--data-dir", str(config.data_dir), "--corpus", config.corpus, "--run", f"bench-{name}",
-                 "--force", "--checkpoint-every", "0", "--log-every", "1", "--warmup-steps", "1",
+                 "--force", "--checkpoint-every", "0", "--log-every", "1", "--warmup-steps", "1", "--min-lr-ratio", "1",
                  *(["--gpu-mem-cap", str(config.gpu_mem_cap)] if config.gpu_mem_cap is not None else []),
                  *config.onecard_args.split()]
         return [deepspeed, "launch/train.py", *flags]
@@ -102,7 +103,7 @@ def run_system(config: DriverConfig, spec: str) -> dict[str, Any]:
         record = json.loads(result.read_text())
     else:  # the worker died before it could write (e.g. killed by the host's OOM killer)
         record = {**base_record(system, config, command), "status": "error", "error": output[-1000:]}
-    record["command"] = " ".join(command)
+    record["command"] = shlex.join([Path(command[0]).name, *command[1:]])
     write_result(result, record)
     return record
 
