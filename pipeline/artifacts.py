@@ -26,15 +26,24 @@ from pipeline.config import PipelineError
 log = logging.getLogger("onecard")
 
 MANIFEST = "manifest.json"
-# How to rebuild each stage's output, for error messages that say what to run.
+RESUME_MARKER = ".fingerprint"
+# The command that (re)builds each stage's output, for error messages that say what to run.
 STAGE_COMMANDS = {
-    "download": "make download  (python -m pipeline.download)",
-    "tokenizer": "make tokenize  (python -m pipeline.tokenize)",
-    "tokenize": "make tokenize  (python -m pipeline.tokenize)",
-    "shard": "make shard  (python -m pipeline.shard)",
-    "train": "make train  (deepspeed launch/train.py --deepspeed <config>)",
-    "evaluate": "make evaluate  (python -m pipeline.evaluate)",
+    "download": "python -m pipeline.download",
+    "tokenizer": "python -m pipeline.tokenize",
+    "tokenize": "python -m pipeline.tokenize",
+    "shard": "python -m pipeline.shard",
+    "train": "deepspeed launch/train.py --deepspeed <config>",
+    "evaluate": "python -m pipeline.evaluate",
 }
+
+
+def how_to_run(stage: str, force: bool = False) -> str:
+    """`python -m pipeline.shard --force` (or `make shard`): the command for a stage, with its make target."""
+    target = {"tokenizer": "tokenize"}.get(stage, stage)
+    return f"`{STAGE_COMMANDS[stage]}{' --force' if force else ''}` (or `make {target}`)"
+
+
 _LIBRARIES = ("torch", "deepspeed", "transformers", "tokenizers", "datasets", "numpy")
 
 
@@ -77,13 +86,13 @@ def read_manifest(folder: Path, stage: str) -> dict[str, Any]:
     if not path.is_file():
         raise PipelineError(
             f"{path} is missing: the {stage} stage has not completed for {folder}. "
-            f"Run {STAGE_COMMANDS[stage]} first."
+            f"Run {how_to_run(stage)} first."
         )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise PipelineError(
-            f"{path} is not valid JSON ({error}). Rebuild it with {STAGE_COMMANDS[stage]} --force."
+            f"{path} is not valid JSON ({error}). Rebuild it with {how_to_run(stage, force=True)}."
         ) from error
     if manifest.get("stage") != stage:
         raise PipelineError(
@@ -99,21 +108,21 @@ def manifest_digest(folder: Path) -> str:
 
 def verify_files(folder: Path, manifest: dict[str, Any], checksums: bool = True) -> None:
     """Check that every file the manifest lists is there with its size (and checksum)."""
-    rebuild = STAGE_COMMANDS[manifest["stage"]]
+    rebuild = how_to_run(manifest["stage"], force=True)
     for entry in manifest["files"]:
         path = folder / entry["path"]
         if not path.is_file():
-            raise PipelineError(f"{path} is listed in {folder / MANIFEST} but missing. Rebuild with {rebuild} --force.")
+            raise PipelineError(f"{path} is listed in {folder / MANIFEST} but missing. Rebuild with {rebuild}.")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise PipelineError(
                 f"{path} has {size} bytes but its manifest says {entry['bytes']}: the file is truncated or was "
-                f"changed after it was written. Rebuild with {rebuild} --force."
+                f"changed after it was written. Rebuild with {rebuild}."
             )
         if checksums and sha256_file(path) != entry["sha256"]:
             raise PipelineError(
                 f"{path} does not match the sha256 in {folder / MANIFEST}: the file is corrupt or was changed "
-                f"after it was written. Rebuild with {rebuild} --force."
+                f"after it was written. Rebuild with {rebuild}."
             )
 
 
@@ -198,6 +207,7 @@ class StageOutput:
         self.replace_stale = replace_stale
         self.counts: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
+        self.hashed: dict[str, dict[str, Any]] = {}  # manifest entries of files the stage already hashed
         self.fingerprint = sha256_json(
             {"stage": stage, "version": version, "params": params,
              "inputs": {name: entry["manifest_sha256"] for name, entry in self.inputs.items()}}
@@ -235,23 +245,32 @@ class StageOutput:
         )
 
     @contextmanager
-    def building(self) -> Iterator[Path]:
+    def building(self, resumable: bool = False) -> Iterator[Path]:
+        """The folder to build in. With `resumable`, an interrupted build of the same fingerprint is kept and
+        handed back, so a stage that writes its pieces atomically can skip those already there."""
         partial = self.final.with_name(f".{self.final.name}.partial")
-        if partial.exists():
-            shutil.rmtree(partial)  # left over by a crashed run; it was never renamed into place
-        partial.mkdir(parents=True)
+        marker = partial / RESUME_MARKER
+        resuming = resumable and marker.is_file() and marker.read_text() == self.fingerprint
+        if partial.exists() and not resuming:
+            shutil.rmtree(partial)  # left over by a crashed run of something else; never renamed into place
+        partial.mkdir(parents=True, exist_ok=True)
+        marker.write_text(self.fingerprint)
+        if resuming:
+            log.info("%s: resuming the interrupted build in %s", self.stage, partial)
         started = time.time()
         try:
             yield partial
+            marker.unlink()
             self._write_manifest(partial, started)
             self._move_into_place(partial)
         except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+            if not resumable:
+                shutil.rmtree(partial, ignore_errors=True)
             raise
 
     def _write_manifest(self, folder: Path, started: float) -> None:
         write_manifest(folder, self.stage, self.version, self.fingerprint, self.params, self.inputs, self.counts,
-                       started, self.extra)
+                       started, self.extra, immutable=self.hashed)
 
     def _move_into_place(self, partial: Path) -> None:
         old = self.final.with_name(f".{self.final.name}.old")

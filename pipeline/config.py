@@ -6,15 +6,17 @@ into that dataclass (flags are the field names, `--data-dir` and `--data_dir` bo
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
 import sys
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 DATA_DIR_ENV = "ONECARD_DATA"
 # The file kinds the download stage reads (also stripped from a file name to name its corpus).
@@ -59,6 +61,22 @@ def corpus_name(source: str) -> str:
                 name = name[: -len(suffix)]
                 break
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "corpus"
+
+
+def parse_part(part: str) -> tuple[int, int]:
+    """'I/N' -> (I, N): the share I (counted from 0) of a source split N ways."""
+    index, _, count = part.partition("/")
+    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise PipelineError(f"--part {part!r} must be I/N with 0 <= I < N, e.g. --part 0/4 ... --part 3/4.")
+    return int(index), int(count)
+
+
+def part_corpus(corpus: str, part: str | None) -> str:
+    """The corpus name of one share of a split source: books -> books.part-0-of-4."""
+    if not part:
+        return corpus
+    index, count = parse_part(part)
+    return f"{corpus}.part-{index}-of-{count}"
 
 
 class DataDir:
@@ -108,10 +126,26 @@ ConfigT = TypeVar("ConfigT")
 
 
 def parse_config(cls: type[ConfigT], argv: Sequence[str] | None = None) -> ConfigT:
-    from transformers import HfArgumentParser
-
-    (config,) = HfArgumentParser(cls).parse_args_into_dataclasses(args=argv)
-    return config
+    """A config dataclass from the command line: one flag per field (`--max-steps` or `--max_steps`), booleans as
+    `--flag` / `--no-flag`, `Literal` fields as choices. (Not transformers' HfArgumentParser: importing
+    transformers costs every stage seconds of start-up.)"""
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = get_type_hints(cls)
+    for item in fields(cls):
+        flags = [f"--{item.name.replace('_', '-')}"] + ([f"--{item.name}"] if "_" in item.name else [])
+        default = item.default if item.default is not MISSING else item.default_factory()
+        kind = hints[item.name]
+        if get_origin(kind) in (Union, UnionType):  # X | None: the flag takes an X
+            kind = next(arg for arg in get_args(kind) if arg is not type(None))
+        help_text = item.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif get_origin(kind) is Literal:
+            parser.add_argument(*flags, choices=get_args(kind), default=default, help=help_text)
+        else:
+            parser.add_argument(*flags, type=kind, default=default, help=help_text)
+    return cls(**vars(parser.parse_args(argv)))
 
 
 def stage_main(cls: type[ConfigT], run: Callable[[ConfigT], Any], argv: Sequence[str] | None = None) -> None:

@@ -19,26 +19,38 @@ import hashlib
 import io
 import json
 import logging
+import os
 import platform
 import re
 import shutil
 import sysconfig
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from tqdm import tqdm
 
-from pipeline.artifacts import StageOutput
-from pipeline.config import LOCAL_SUFFIXES, DataDir, PipelineError, StageConfig, corpus_name, stage_main
+from pipeline.artifacts import StageOutput, write_json_atomic
+from pipeline.config import (
+    LOCAL_SUFFIXES,
+    DataDir,
+    PipelineError,
+    StageConfig,
+    corpus_name,
+    parse_part,
+    part_corpus,
+    stage_main,
+)
 
 log = logging.getLogger("onecard")
 
 FORMAT_VERSION = 1
 PART_BYTES = 64 << 20
+PROGRESS = ".progress.json"
 # Standard-library folders that are tests, tools or vendored code rather than library documentation.
 STDLIB_SKIP = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "site-packages", "dist-packages",
                "ensurepip", "__pycache__", "__phello__"}
@@ -52,6 +64,8 @@ class DownloadConfig(StageConfig):
     split: str = field(default="train", metadata={"help": "split of a hf: dataset"})
     max_docs: int | None = field(default=None, metadata={"help": "stop after this many documents"})
     max_bytes: int | None = field(default=None, metadata={"help": "stop after this many bytes of UTF-8 text"})
+    part: str | None = field(default=None, metadata={"help": "I/N: this process's share (0 <= I < N) of the "
+                             "source, into <corpus>.part-I-of-N; see `python -m pipeline.shard --merge`"})
     doc_split: Literal["auto", "file", "blankline"] = field(
         default="auto",
         metadata={"help": "documents of .txt input: one per file, or one per blank-line-separated block "
@@ -201,25 +215,41 @@ def _local_state(root: Path) -> list[list[Any]]:
 
 # --- remote sources -------------------------------------------------------------------------------------
 
-def hf_documents(spec: str, config: DownloadConfig) -> Iterator[tuple[str, str]]:
-    import datasets
+class HubStream:
+    """A Hugging Face dataset streamed through `datasets`, resumable from the state it reports."""
 
-    name, _, subset = spec.partition(":")
-    try:
-        stream = datasets.load_dataset(name, subset or None, split=config.split, streaming=True)
-    except Exception as error:
-        raise PipelineError(
-            f"cannot load dataset {name!r}{f' config {subset!r}' if subset else ''} split {config.split!r} "
-            f"through `datasets` ({type(error).__name__}: {error}). Check the name and your network, or "
-            "download the data yourself and pass its local path to --source."
-        ) from error
-    for example in stream:
-        if config.text_field not in example:
+    def __init__(self, spec: str, config: DownloadConfig) -> None:
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        self.spec, self.text_field = spec, config.text_field
+        name, _, subset = spec.partition(":")
+        try:
+            self.dataset = datasets.load_dataset(name, subset or None, split=config.split, streaming=True)
+        except Exception as error:
             raise PipelineError(
-                f"dataset {name!r} has no field {config.text_field!r} (fields: {', '.join(example)}). "
-                "Name the text field with --text-field."
-            )
-        yield f"hf:{spec}", example[config.text_field]
+                f"cannot load dataset {name!r}{f' config {subset!r}' if subset else ''} split {config.split!r} "
+                f"through `datasets` ({type(error).__name__}: {error}). Check the name and your network, or "
+                "download the data yourself and pass its local path to --source."
+            ) from error
+        if config.part:
+            index, count = parse_part(config.part)
+            self.dataset = split_dataset_by_node(self.dataset, rank=index, world_size=count)
+
+    def state(self) -> Any:
+        return self.dataset.state_dict()
+
+    def restore(self, state: Any) -> None:
+        self.dataset.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for example in self.dataset:
+            if self.text_field not in example:
+                raise PipelineError(
+                    f"dataset {self.spec!r} has no field {self.text_field!r} (fields: {', '.join(example)}). "
+                    "Name the text field with --text-field."
+                )
+            yield f"hf:{self.spec}", example[self.text_field]
 
 
 def fetch_url(url: str, folder: Path) -> Path:
@@ -242,16 +272,24 @@ def fetch_url(url: str, folder: Path) -> Path:
 # --- the stage ------------------------------------------------------------------------------------------
 
 class PartWriter:
-    """Writes documents as JSON lines into numbered parts, stopping at the configured limits."""
+    """Writes documents as JSON lines into numbered parts, stopping at the configured limits.
+
+    A part appears under its final name only when complete, and `.progress.json` then records everything
+    needed to carry on from there: counts, per-source digests, how many items of the source were consumed
+    (or the stream's own state). An interrupted download restarts from its last complete part.
+    """
 
     def __init__(self, folder: Path, max_docs: int | None, max_bytes: int | None) -> None:
-        self.folder = folder
-        self.max_docs = max_docs
-        self.max_bytes = max_bytes
-        self.documents = 0
-        self.text_bytes = 0
-        self.parts: list[str] = []
-        self.sources: dict[str, dict[str, Any]] = {}
+        self.folder, self.max_docs, self.max_bytes = folder, max_docs, max_bytes
+        progress = json.loads((folder / PROGRESS).read_text()) if (folder / PROGRESS).is_file() else {}
+        self.parts: list[str] = progress.get("parts", [])
+        self.documents: int = progress.get("documents", 0)
+        self.text_bytes: int = progress.get("text_bytes", 0)
+        self.consumed: int = progress.get("consumed", 0)
+        self.stream_state: Any = progress.get("stream_state")
+        self.sources: dict[str, dict[str, Any]] = progress.get("sources", {})
+        for stray in folder.glob(".docs_*.partial"):
+            stray.unlink()  # the part being written when the last run stopped: its documents come again
         self._file: IO[str] | None = None
         self._part_bytes = 0
 
@@ -260,37 +298,43 @@ class PartWriter:
             self.max_bytes is not None and self.text_bytes >= self.max_bytes
         )
 
-    def add(self, source: str, text: str) -> None:
-        if not isinstance(text, str) or not text.strip():
+    def add(self, source: str, text: str, stream_state: Any = None) -> None:
+        """One item of the source (consumed even when it is empty and skipped)."""
+        self.consumed += 1
+        if isinstance(text, str) and text.strip():
+            if self._file is None:
+                self._file = open(self.folder / f".docs_{len(self.parts):05d}.partial", "w", encoding="utf-8")
+                self._part_bytes = 0
+            line = json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
+            self._file.write(line)
+            data = text.encode("utf-8")
+            self._part_bytes += len(line)
+            self.text_bytes += len(data)
+            self.documents += 1
+            entry = self.sources.setdefault(source, {"documents": 0, "bytes": 0, "sha256_chain": ""})
+            entry["documents"] += 1
+            entry["bytes"] += len(data)
+            # a chain of per-document digests, so the digest can be carried on after a restart
+            entry["sha256_chain"] = hashlib.sha256(
+                (entry["sha256_chain"] + hashlib.sha256(data).hexdigest()).encode()).hexdigest()
+        if self._part_bytes >= PART_BYTES or self.full():
+            self.finish_part(stream_state)
+
+    def finish_part(self, stream_state: Any = None) -> None:
+        if self._file is None:
             return
-        if self._file is None or self._part_bytes >= PART_BYTES:
-            self._next_part()
-        line = json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
-        self._file.write(line)
-        size = len(text.encode("utf-8"))
-        self._part_bytes += len(line)
-        self.text_bytes += size
-        self.documents += 1
-        entry = self.sources.setdefault(source, {"documents": 0, "bytes": 0, "sha256": hashlib.sha256()})
-        entry["documents"] += 1
-        entry["bytes"] += size
-        entry["sha256"].update(text.encode("utf-8"))
-
-    def _next_part(self) -> None:
-        self.close()
+        self._file.close()
+        self._file = None
         name = f"docs_{len(self.parts):05d}.jsonl"
+        os.replace(self.folder / f".{name.removesuffix('.jsonl')}.partial", self.folder / name)
         self.parts.append(name)
-        self._file = open(self.folder / name, "w", encoding="utf-8")
-        self._part_bytes = 0
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.stream_state = stream_state
+        write_json_atomic(self.folder / PROGRESS, {
+            "parts": self.parts, "documents": self.documents, "text_bytes": self.text_bytes,
+            "consumed": self.consumed, "stream_state": stream_state, "sources": self.sources})
 
     def source_list(self) -> list[dict[str, Any]]:
-        return [{"source": name, "documents": e["documents"], "bytes": e["bytes"], "sha256": e["sha256"].hexdigest()}
-                for name, e in self.sources.items()]
+        return [{"source": name, **entry} for name, entry in self.sources.items()]
 
 
 def _plan(config: DownloadConfig) -> tuple[dict[str, Any], Path | None]:
@@ -308,37 +352,58 @@ def _plan(config: DownloadConfig) -> tuple[dict[str, Any], Path | None]:
     params = {
         "source": source, "source_state": state, "text_field": config.text_field, "split": config.split,
         "max_docs": config.max_docs, "max_bytes": config.max_bytes, "doc_split": config.doc_split,
+        "part": config.part,
     }
     return params, local
 
 
+def open_source(config: DownloadConfig, local: Path | None, scratch: Path) -> Iterable[tuple[str, str]]:
+    """The (source label, text) items of --source, this part's share of them with --part."""
+    if config.source.startswith("hf:"):
+        return HubStream(config.source[3:], config)  # splits itself across parts, by data files where it can
+    if config.source == "builtin":
+        items: Iterable[tuple[str, str]] = builtin_documents()
+    elif local is not None:
+        items = local_documents(local, config)
+    else:
+        scratch.mkdir(exist_ok=True)
+        items = local_documents(fetch_url(config.source, scratch), config)
+    if not config.part:
+        return items
+    index, count = parse_part(config.part)
+    return (item for position, item in enumerate(items) if position % count == index)
+
+
 def run(config: DownloadConfig) -> Path:
-    corpus = config.corpus or corpus_name(config.source)
+    corpus = part_corpus(config.corpus or corpus_name(config.source), config.part)
     params, local = _plan(config)
     out = StageOutput(DataDir(config.data_dir).raw(corpus), "download", FORMAT_VERSION, params, force=config.force)
     if out.up_to_date():
         return out.final
-    with out.building() as folder:
+    with out.building(resumable=True) as folder:
         writer = PartWriter(folder, config.max_docs, config.max_bytes)
-        fetched = folder / "_fetched"
-        if config.source == "builtin":
-            documents = builtin_documents()
-        elif config.source.startswith("hf:"):
-            documents = hf_documents(config.source[3:], config)
-        elif local is not None:
-            documents = local_documents(local, config)
-        else:
-            fetched.mkdir()
-            documents = local_documents(fetch_url(config.source, fetched), config)
-        with tqdm(desc=f"download {corpus}", unit=" docs") as bar:
-            for source, text in documents:
-                writer.add(source, text)
-                bar.update(1)
-                bar.set_postfix_str(f"{writer.text_bytes / 1e6:.1f} MB", refresh=False)
+        scratch = folder / ".fetched"
+        items = open_source(config, local, scratch)
+        if isinstance(items, HubStream) and writer.stream_state is not None:
+            items.restore(writer.stream_state)
+        elif writer.consumed:
+            items = islice(items, writer.consumed, None)
+        if writer.consumed:
+            log.info("download: resuming after %d documents (%d parts)", writer.documents, len(writer.parts))
+        # the bar's total: the byte limit, else the size of plain-text input (compressed input has no good guess)
+        plain = local is not None and all(p.suffix in (".txt", ".jsonl") for p in local_files(local))
+        total = config.max_bytes or (sum(p.stat().st_size for p in local_files(local)) if plain else None)
+        with tqdm(desc=f"download {corpus}", total=total, initial=writer.text_bytes, unit="B",
+                  unit_scale=True) as bar:
+            for source, text in items:
+                before = writer.text_bytes
+                writer.add(source, text, items.state() if isinstance(items, HubStream) else None)
+                bar.update(writer.text_bytes - before)
                 if writer.full():
                     break
-        writer.close()
-        shutil.rmtree(fetched, ignore_errors=True)
+        writer.finish_part(items.state() if isinstance(items, HubStream) else None)
+        shutil.rmtree(scratch, ignore_errors=True)
+        (folder / PROGRESS).unlink(missing_ok=True)
         if writer.documents == 0:
             raise PipelineError(
                 f"--source {config.source} gave no documents with text: the corpus is empty. "

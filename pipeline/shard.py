@@ -1,8 +1,15 @@
-"""Stage 3, shard: pack token ids into fixed-size binary shards with a deterministic train/val split.
+"""Stage 3, shard: pack token ids into fixed-size binary shards, shuffled by document, split train/val.
+
+    python -m pipeline.shard [--shard-tokens 100000000] [--val-fraction 0.05]
+    python -m pipeline.shard --verify                   # re-check a shard set, byte for byte
+    python -m pipeline.shard --part 2/4                 # the shards of one share of a split corpus
+    python -m pipeline.shard --merge 4                  # the shares' shards as one set the trainer reads
 
 Each document goes to val or train by a keyed hash of its token ids (so the split does not depend on
-document order, and duplicate documents land on the same side). Shards hold up to --shard-tokens tokens
-(format in `pipeline/shards.py`); `index.json` lists them with token and document counts and checksums.
+document order or on how the corpus was split into parts, and duplicate documents land on the same side).
+Documents are written in a seeded random order, streamed into shards of --shard-tokens tokens (format in
+`pipeline/shards.py`); `index.json` lists them with token and document counts and checksums. Memory grows
+with the number of documents (about 20 bytes each, for the order and the split), not with the tokens.
 """
 
 from __future__ import annotations
@@ -10,18 +17,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+import os
+import shutil
 from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.artifacts import StageOutput, read_manifest, sha256_file, verify_files, write_json_atomic
-from pipeline.config import DataDir, PipelineError, StageConfig, stage_main
-from pipeline.shards import ShardHeader, ShardWriter, read_shard, read_token_part
+from pipeline.artifacts import (
+    StageOutput,
+    how_to_run,
+    read_manifest,
+    sha256_file,
+    verify_files,
+    write_json_atomic,
+)
+from pipeline.config import DataDir, PipelineError, StageConfig, part_corpus, stage_main
+from pipeline.shards import ShardHeader, ShardWriter, read_shard, read_token_part, token_parts
 
 log = logging.getLogger("onecard")
 
@@ -33,32 +47,46 @@ SPLITS = ("train", "val")
 @dataclass
 class ShardConfig(StageConfig):
     corpus: str = field(default="builtin", metadata={"help": "corpus to shard (a folder under tokens/)"})
+    part: str | None = field(default=None, metadata={"help": "I/N: shard one share of a split corpus"})
     shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per shard file"})
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})
     split_seed: int = field(default=0, metadata={"help": "key of the hash that assigns documents to train/val"})
+    shuffle: bool = field(default=True, metadata={"help": "write the documents in a seeded random order"})
+    shuffle_seed: int = field(default=0, metadata={"help": "seed of the document order"})
+    verify: bool = field(default=False, metadata={"help": "only re-check the existing shard set, then exit"})
+    merge: int | None = field(default=None, metadata={"help": "N: merge the shard sets of --part 0/N .. N-1/N"})
 
 
-def _documents(tokens_dir: Path) -> Iterator[np.ndarray]:
-    for offsets_file in sorted(tokens_dir.glob("part_*.offsets.npy")):
-        ids, offsets = read_token_part(tokens_dir, offsets_file.name.removesuffix(".offsets.npy"))
-        for start, end in pairwise(offsets):
-            yield ids[start:end]
+class TokenDocuments:
+    """The documents of a tokenize output, by index, memory-mapped."""
+
+    def __init__(self, tokens_dir: Path, vocab_size: int) -> None:
+        self.parts = [read_token_part(tokens_dir, name, vocab_size) for name in token_parts(tokens_dir)]
+        counts = [len(offsets) - 1 for _, offsets in self.parts]
+        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.first[-1])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        part = int(np.searchsorted(self.first, index, side="right")) - 1
+        ids, offsets = self.parts[part]
+        local = index - int(self.first[part])
+        return ids[offsets[local] : offsets[local + 1]]
 
 
-def _split_score(ids: np.ndarray, key: bytes) -> float:
-    digest = hashlib.blake2b(np.ascontiguousarray(ids).tobytes(), digest_size=8, key=key).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
-def assign_splits(tokens_dir: Path, val_fraction: float, seed: int) -> np.ndarray:
+def assign_splits(documents: TokenDocuments, val_fraction: float, seed: int, where: Path) -> np.ndarray:
     """True for each validation document. At least one document goes to each side when there are two."""
-    key = seed.to_bytes(8, "little")
-    scores = np.array([_split_score(ids, key) for ids in _documents(tokens_dir)])
-    if len(scores) < 2:
+    if len(documents) < 2:
         raise PipelineError(
-            f"{tokens_dir} holds {len(scores)} document(s): a train/val split needs at least 2. Use a bigger "
+            f"{where} holds {len(documents)} document(s): a train/val split needs at least 2. Use a bigger "
             "corpus, or for a single text file download it with --doc-split blankline."
         )
+    key = seed.to_bytes(8, "little")
+    scores = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(np.ascontiguousarray(documents[i]).tobytes(), digest_size=8,
+                                        key=key).digest(), "little") / 2**64 for i in range(len(documents))),
+        dtype=np.float64, count=len(documents))
     is_val = scores < val_fraction
     if val_fraction > 0 and not is_val.any():
         is_val[np.argmin(scores)] = True
@@ -89,41 +117,114 @@ class _SplitWriter:
             self._writer = None
 
 
+def _finish(folder: Path, out: StageOutput, shards: list[dict[str, Any]], vocab_size: int, eot_id: int,
+            tokenizer: dict[str, Any]) -> None:
+    write_json_atomic(folder / INDEX, {"format_version": FORMAT_VERSION, "vocab_size": vocab_size, "eot_id": eot_id,
+                                       "tokenizer": tokenizer, "shards": shards})
+    out.hashed = {s["file"]: {"path": s["file"], "bytes": s["bytes"], "sha256": s["sha256"]} for s in shards}
+    out.counts = {f"{split}_{what}": sum(s[what] for s in shards if s["split"] == split)
+                  for split in SPLITS for what in ("tokens", "documents")}
+    out.extra["tokenizer"] = tokenizer
+
+
+def _shard_entry(folder: Path, name: str, split: str, header: ShardHeader) -> dict[str, Any]:
+    return {"file": name, "split": split, "tokens": header.tokens, "documents": header.documents,
+            "bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+
+
 def run(config: ShardConfig) -> Path:
+    data = DataDir(config.data_dir)
+    if config.verify:
+        return verify(data.shards(part_corpus(config.corpus, config.part)))
+    if config.merge is not None:
+        return merge(config)
     if not 0 <= config.val_fraction < 1:
         raise PipelineError(f"--val-fraction {config.val_fraction} must be in [0, 1).")
-    data = DataDir(config.data_dir)
-    tokens_dir = data.tokens(config.corpus)
+    corpus = part_corpus(config.corpus, config.part)
+    tokens_dir = data.tokens(corpus)
     tokens = read_manifest(tokens_dir, "tokenize")
     verify_files(tokens_dir, tokens)
     vocab_size, eot_id = tokens["params"]["vocab_size"], tokens["params"]["eot_id"]
     params = {"shard_tokens": config.shard_tokens, "val_fraction": config.val_fraction,
-              "split_seed": config.split_seed, "vocab_size": vocab_size, "eot_id": eot_id}
-    out = StageOutput(data.shards(config.corpus), "shard", FORMAT_VERSION, params, {"tokens": tokens_dir},
+              "split_seed": config.split_seed, "shuffle": config.shuffle, "shuffle_seed": config.shuffle_seed,
+              "vocab_size": vocab_size, "eot_id": eot_id}
+    out = StageOutput(data.shards(corpus), "shard", FORMAT_VERSION, params, {"tokens": tokens_dir},
                       force=config.force)
     if out.up_to_date():
         return out.final
-    is_val = assign_splits(tokens_dir, config.val_fraction, config.split_seed)
+    documents = TokenDocuments(tokens_dir, vocab_size)
+    is_val = assign_splits(documents, config.val_fraction, config.split_seed, tokens_dir)
+    order = (np.random.default_rng(config.shuffle_seed).permutation(len(documents)) if config.shuffle
+             else np.arange(len(documents)))
     with out.building() as folder:
         writers = {split: _SplitWriter(folder, split, config.shard_tokens, vocab_size, eot_id) for split in SPLITS}
-        with tqdm(total=tokens["counts"]["tokens"], unit=" tok", unit_scale=True, desc=f"shard {config.corpus}") as bar:
-            for ids, val in zip(_documents(tokens_dir), is_val, strict=True):
-                writers["val" if val else "train"].add(ids)
+        with tqdm(total=tokens["counts"]["tokens"], unit=" tok", unit_scale=True, desc=f"shard {corpus}") as bar:
+            for index in order:
+                ids = documents[int(index)]
+                writers["val" if is_val[index] else "train"].add(ids)
                 bar.update(len(ids))
         shards = []
         for split, writer in writers.items():
             writer.close()
-            for name, header in writer.done:
-                shards.append({"file": name, "split": split, "tokens": header.tokens, "documents": header.documents,
-                               "bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)})
-        index = {"format_version": FORMAT_VERSION, "vocab_size": vocab_size, "eot_id": eot_id,
-                 "tokenizer": tokens["tokenizer"], "shards": shards}
-        write_json_atomic(folder / INDEX, index)
-        out.counts = {f"{split}_{what}": sum(s[what] for s in shards if s["split"] == split)
-                      for split in SPLITS for what in ("tokens", "documents")}
-        out.extra["tokenizer"] = tokens["tokenizer"]
+            shards += [_shard_entry(folder, name, split, header) for name, header in writer.done]
+        _finish(folder, out, shards, vocab_size, eot_id, tokens["tokenizer"])
     log.info("shard: %s", ", ".join(f"{k} {v}" for k, v in out.counts.items()))
     return out.final
+
+
+def merge(config: ShardConfig) -> Path:
+    """One shard set from the sets of --part 0/N .. N-1/N: the files are linked (or copied) and renumbered."""
+    data = DataDir(config.data_dir)
+    count = config.merge
+    if not count or count < 1:
+        raise PipelineError(f"--merge {count}: give the number of parts, N of --part I/N.")
+    parts = [data.shards(part_corpus(config.corpus, f"{i}/{count}")) for i in range(count)]
+    indexes = [load_index(folder, checksums=False) for folder in parts]
+    reference = {k: indexes[0][k] for k in ("vocab_size", "eot_id", "tokenizer")}
+    for folder, index in zip(parts, indexes, strict=True):
+        mismatch = [k for k, v in reference.items() if index[k] != v]
+        if mismatch:
+            raise PipelineError(
+                f"{folder} was tokenized differently from {parts[0]} ({', '.join(mismatch)} differ): the parts of a "
+                "corpus must share one tokenizer. Give every part the same --tokenizer (a hub name or a folder; "
+                "a bpe: tokenizer is trained per part), then rebuild the parts."
+            )
+    out = StageOutput(data.shards(config.corpus), "shard", FORMAT_VERSION, {"merged_parts": count},
+                      {f"part {i}": folder for i, folder in enumerate(parts)}, force=config.force)
+    if out.up_to_date():
+        return out.final
+    with out.building() as folder:
+        shards = []
+        for part_folder, index in zip(parts, indexes, strict=True):
+            for entry in index["shards"]:
+                number = sum(s["split"] == entry["split"] for s in shards)
+                name = f"{entry['split']}_{number:06d}.bin"
+                try:
+                    os.link(part_folder / entry["file"], folder / name)  # no copy on the same filesystem
+                except OSError:
+                    shutil.copyfile(part_folder / entry["file"], folder / name)
+                shards.append({**entry, "file": name})
+        _finish(folder, out, shards, reference["vocab_size"], reference["eot_id"], reference["tokenizer"])
+    log.info("shard: merged %d parts into %s: %s", count, out.final,
+             ", ".join(f"{k} {v}" for k, v in out.counts.items()))
+    return out.final
+
+
+def verify(shards_dir: Path) -> Path:
+    """Re-check a shard set: every file's size and sha256, every header against the index, every token id."""
+    index = load_index(shards_dir, checksums=True)
+    for entry in tqdm(index["shards"], desc=f"verify {shards_dir.name}", unit=" shard"):
+        _, tokens = read_shard(shards_dir / entry["file"])
+        where = shards_dir / entry["file"]
+        if len(tokens) and (tokens[0] != index["eot_id"] or int(tokens.max()) >= index["vocab_size"]):
+            raise PipelineError(f"{where} holds token ids outside the vocabulary or does not start a document. "
+                                f"Rebuild with {how_to_run('shard', force=True)}.")
+        if int(np.count_nonzero(tokens == index["eot_id"])) < entry["documents"]:
+            raise PipelineError(f"{where} has fewer end-of-text tokens than its {entry['documents']} documents. "
+                                f"Rebuild with {how_to_run('shard', force=True)}.")
+    log.info("verify: %s is intact (%d shards, %d tokens)", shards_dir, len(index["shards"]),
+             sum(s["tokens"] for s in index["shards"]))
+    return shards_dir
 
 
 def load_index(shards_dir: Path, checksums: bool = True) -> dict[str, Any]:
@@ -133,11 +234,12 @@ def load_index(shards_dir: Path, checksums: bool = True) -> dict[str, Any]:
     index = json.loads((shards_dir / INDEX).read_text())
     for entry in index["shards"]:
         header, _ = read_shard(shards_dir / entry["file"])
-        if header.tokens != entry["tokens"] or header.vocab_size != index["vocab_size"]:
+        if (header.tokens, header.documents, header.vocab_size) != (
+                entry["tokens"], entry["documents"], index["vocab_size"]):
             raise PipelineError(
                 f"{shards_dir / entry['file']} does not match {shards_dir / INDEX} (tokens {header.tokens} vs "
-                f"{entry['tokens']}, vocabulary {header.vocab_size} vs {index['vocab_size']}). "
-                "Rebuild with `make shard` (python -m pipeline.shard --force)."
+                f"{entry['tokens']}, documents {header.documents} vs {entry['documents']}, vocabulary "
+                f"{header.vocab_size} vs {index['vocab_size']}). Rebuild with {how_to_run('shard', force=True)}."
             )
     return index
 

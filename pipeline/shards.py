@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import how_to_run
 from pipeline.config import PipelineError
 
 MAGIC = b"ONECARD\x00"
@@ -101,7 +102,7 @@ def write_shard(path: Path, documents: list[np.ndarray], vocab_size: int, eot_id
 def read_shard(path: Path) -> tuple[ShardHeader, np.ndarray]:
     """Validate a shard's header and size, then memory-map its tokens (read-only)."""
     path = Path(path)
-    fix = "Rebuild the shards with `make shard` (python -m pipeline.shard --force)."
+    fix = f"Rebuild the shards with {how_to_run('shard', force=True)}."
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
@@ -132,18 +133,50 @@ def read_shard(path: Path) -> tuple[ShardHeader, np.ndarray]:
     return header, np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(tokens,))
 
 
-def write_token_part(folder: Path, name: str, ids: np.ndarray, offsets: np.ndarray) -> None:
-    """One tokenized input file: all token ids back to back, and document boundaries (len = documents + 1)."""
-    np.save(folder / f"{name}.ids.npy", ids, allow_pickle=False)
-    np.save(folder / f"{name}.offsets.npy", offsets.astype(np.int64), allow_pickle=False)
+class TokenPartWriter:
+    """One tokenized input file, written as it is encoded: `<name>.ids` (the token ids back to back, raw
+    little-endian) and `<name>.offsets.npy` (document boundaries, documents + 1 of them). Both appear under
+    their final names only when the part is complete, the offsets last, so a part whose offsets exist is done.
+    """
+
+    def __init__(self, folder: Path, name: str, vocab_size: int) -> None:
+        self.folder, self.name = Path(folder), name
+        self.dtype = token_dtype(vocab_size)
+        self.offsets = [0]
+        self._file = open(self.folder / f".{name}.ids.partial", "wb")
+
+    def add(self, documents: list[np.ndarray]) -> int:
+        """Append a batch of documents; returns the number of tokens added."""
+        if documents:
+            self._file.write(np.concatenate(documents).astype(self.dtype, copy=False).tobytes())
+        for ids in documents:
+            self.offsets.append(self.offsets[-1] + len(ids))
+        return sum(len(ids) for ids in documents)
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.folder / f".{self.name}.ids.partial", self.folder / f"{self.name}.ids")
+        partial = self.folder / f".{self.name}.offsets.partial.npy"
+        np.save(partial, np.asarray(self.offsets, dtype=np.int64), allow_pickle=False)
+        os.replace(partial, self.folder / f"{self.name}.offsets.npy")
 
 
-def read_token_part(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.load(folder / f"{name}.ids.npy", mmap_mode="r", allow_pickle=False)
-    offsets = np.load(folder / f"{name}.offsets.npy", allow_pickle=False)
-    if offsets[-1] != len(ids):
+def token_parts(folder: Path) -> list[str]:
+    """The names of the complete token parts in a folder, in order."""
+    return sorted(p.name.removesuffix(".offsets.npy") for p in Path(folder).glob("part_*.offsets.npy"))
+
+
+def read_token_part(folder: Path, name: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids memory-mapped, document offsets) of one token part."""
+    offsets = np.load(Path(folder) / f"{name}.offsets.npy", allow_pickle=False)
+    path = Path(folder) / f"{name}.ids"
+    dtype = token_dtype(vocab_size)
+    if path.stat().st_size != offsets[-1] * dtype.itemsize:
         raise PipelineError(
-            f"{folder / name}.offsets.npy does not match {name}.ids.npy ({offsets[-1]} vs {len(ids)} tokens). "
-            "Rebuild with `make tokenize` (python -m pipeline.tokenize --force)."
+            f"{path} holds {path.stat().st_size // dtype.itemsize} tokens but {name}.offsets.npy says "
+            f"{offsets[-1]}. Rebuild with {how_to_run('tokenize', force=True)}."
         )
+    ids = np.memmap(path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype=dtype)
     return ids, offsets

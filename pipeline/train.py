@@ -28,7 +28,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.artifacts import input_entry, write_json_atomic
 from pipeline.config import DataDir, PipelineError, StageConfig, setup_logging, stage_main
-from pipeline.data import TokenSequences, TrainBatches
+from pipeline.data import Prefetcher, TokenSequences, TrainBatches
 from pipeline.dsconfig import check_nvme, describe, load_ds_config, merge_ds_config, offload_devices, precision
 from pipeline.hardware import MemoryProbe, cap_gpu_memory, device_name, peak_tflops
 from pipeline.metrics import Metrics
@@ -237,12 +237,15 @@ def run(config: TrainConfig) -> Path:
     if start_step == 0:
         metrics.text("config", f"```\n{merged}\n```")
     sync = get_accelerator().synchronize  # so that the time of each phase is the device's, not the launch's
+    prefetch = Prefetcher(batches, rank, start_step, end_step, pin=torch.cuda.is_available())
     for step in range(start_step, end_step):
+        step_started = time.perf_counter()
         lr = engine.get_lr()[0]
         loss_sum = torch.zeros((), device=engine.device)
         times = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-        for micro_step in range(accum):
-            inputs, targets = (t.to(engine.device) for t in batches.get(step, micro_step, rank))
+        waited = prefetch.waited
+        for _ in range(accum):
+            inputs, targets = (t.to(engine.device, non_blocking=True) for t in prefetch.next())
             started_micro = time.perf_counter()
             loss = engine(inputs, targets)
             sync()
@@ -258,7 +261,7 @@ def run(config: TrainConfig) -> Path:
             loss_sum += loss.detach().float()
         dist.all_reduce(loss_sum)
         mean_loss = loss_sum.item() / (accum * world_size)
-        step_seconds = sum(times.values())
+        step_seconds = time.perf_counter() - step_started
         grad_norm = engine.get_global_grad_norm()
         tokens_per_second = tokens_per_step / step_seconds
         tflops = flops * tokens_per_second / world_size / 1e12  # per device, as MFU is
@@ -268,6 +271,7 @@ def run(config: TrainConfig) -> Path:
             "loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_second": tokens_per_second, "tflops": tflops, "mfu": tflops / peak if peak else None,
             "step_seconds": step_seconds, **{f"{phase}_seconds": value for phase, value in times.items()},
+            "data_wait_seconds": prefetch.waited - waited,
             **readings,
         })
         if done % config.log_every == 0 or done in (start_step + 1, end_step):
@@ -283,6 +287,7 @@ def run(config: TrainConfig) -> Path:
             if rank == 0:
                 checkpoint.write_run_manifest(ckpt_dir, identity, {"shards": input_entry(shards_dir)},
                                               {"step": done, "tokens_seen": done * tokens_per_step}, started)
+    prefetch.close()
     metrics.close()
     log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", name, end_step, config.max_steps,
              time.time() - started, ckpt_dir)

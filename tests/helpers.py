@@ -28,11 +28,12 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def prepare(data_dir: Path, source: str, corpus: str, tokenizer: str, **shard_options) -> Path:
+def prepare(data_dir: Path, source: str, corpus: str, tokenizer: str, part: str | None = None,
+            **shard_options) -> Path:
     """download -> tokenize -> shard into data_dir, through the stages' run(config) entries."""
-    download.run(download.DownloadConfig(data_dir=data_dir, source=source, corpus=corpus))
-    tokenize.run(tokenize.TokenizeConfig(data_dir=data_dir, corpus=corpus, tokenizer=tokenizer))
-    shard.run(shard.ShardConfig(data_dir=data_dir, corpus=corpus, **shard_options))
+    download.run(download.DownloadConfig(data_dir=data_dir, source=source, corpus=corpus, part=part))
+    tokenize.run(tokenize.TokenizeConfig(data_dir=data_dir, corpus=corpus, tokenizer=tokenizer, part=part))
+    shard.run(shard.ShardConfig(data_dir=data_dir, corpus=corpus, part=part, **shard_options))
     return data_dir
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import PipelineError
-from pipeline.data import TokenSequences, TrainBatches
+from pipeline.data import Prefetcher, TokenSequences, TrainBatches
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,29 @@ def test_too_short_split_is_refused(builtin_data: Path) -> None:
     shards_dir = builtin_data / "shards" / "builtin"
     with pytest.raises(PipelineError, match="not enough for one sequence"):
         TokenSequences(shards_dir, json.loads((shards_dir / "index.json").read_text()), "val", 10**7)
+
+
+def test_prefetcher_delivers_exactly_the_batches_in_order(sequences: TokenSequences) -> None:
+    batches = TrainBatches(sequences, seed=5, micro_batch_size=3, grad_accum=2, world_size=2)
+    prefetch = Prefetcher(batches, rank=1, start=4, end=9, depth=3)
+    for step in range(4, 9):
+        for micro_step in range(2):
+            got, expected = prefetch.next(), batches.get(step, micro_step, 1)
+            assert all((a == b).all() for a, b in zip(got, expected, strict=True))
+    with pytest.raises(StopIteration):
+        prefetch.next()
+    prefetch.close()
+
+
+def test_prefetcher_passes_errors_on_and_stops_when_closed(sequences: TokenSequences) -> None:
+    class Broken(TrainBatches):
+        def get(self, step, micro_step, rank):
+            raise OSError("disk gone")
+
+    prefetch = Prefetcher(Broken(sequences, 0, 2, 1, 1), rank=0, start=0, end=5)
+    with pytest.raises(OSError, match="disk gone"):
+        prefetch.next()
+    endless = Prefetcher(TrainBatches(sequences, 0, 2, 1, 1), rank=0, start=0, end=10**9, depth=2)
+    endless.next()
+    endless.close()
+    assert not endless._thread.is_alive()

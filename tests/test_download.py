@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.server
 import json
 import threading
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import english_documents, write_jsonl
 
+from pipeline import download as download_stage
 from pipeline.artifacts import read_manifest
 from pipeline.config import PipelineError, corpus_name
 from pipeline.download import DownloadConfig, builtin_documents, read_documents, run
@@ -40,8 +42,12 @@ def test_builtin_download_records_what_went_in(tmp_path: Path) -> None:
     assert len(texts) == manifest["counts"]["documents"] == 30
     assert manifest["params"]["source_state"]["python"]
     assert sum(s["documents"] for s in manifest["sources"]) == 30
-    assert all(len(s["sha256"]) == 64 for s in manifest["sources"])
-    assert texts[0] == dict(builtin_documents())[manifest["sources"][0]["source"]]
+    first = manifest["sources"][0]
+    assert texts[0] == dict(builtin_documents())[first["source"]]
+    chain = ""  # the recorded digest: a chain of the documents' sha256, so it survives a restart
+    for text in texts[: first["documents"]]:
+        chain = hashlib.sha256((chain + hashlib.sha256(text.encode()).hexdigest()).encode()).hexdigest()
+    assert first["sha256_chain"] == chain
 
 
 def test_folder_of_text_files_gives_one_document_per_file(tmp_path: Path) -> None:
@@ -158,3 +164,53 @@ def test_bad_sources_give_clear_errors(tmp_path: Path) -> None:
 ])
 def test_corpus_names(source: str, name: str) -> None:
     assert corpus_name(source) == name
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, documents: int) -> None:
+    """Make the next download die (as if killed) after this many documents."""
+    original = download_stage.PartWriter.add
+
+    def add(writer, source, text, stream_state=None):
+        if writer.documents >= documents:
+            raise KeyboardInterrupt
+        original(writer, source, text, stream_state)
+
+    monkeypatch.setattr(download_stage.PartWriter, "add", add)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "hf"])
+def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         kind: str) -> None:
+    monkeypatch.setattr(download_stage, "PART_BYTES", 1500)
+    texts = english_documents(60, 30)
+    (tmp_path / "repo").mkdir()
+    write_jsonl(tmp_path / "repo" / "train.jsonl", texts)
+    source = f"hf:{tmp_path / 'repo'}" if kind == "hf" else str(tmp_path / "repo" / "train.jsonl")
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 25)
+        with pytest.raises(KeyboardInterrupt):
+            download(tmp_path / "data", source)
+    partial = next((tmp_path / "data" / "raw").glob(".*.partial"))
+    done = sorted(p.name for p in partial.glob("docs_*.jsonl"))
+    assert done and not (tmp_path / "data" / "raw" / partial.name[1:].removesuffix(".partial")).exists()
+    before = {name: (partial / name).stat().st_mtime_ns for name in done}
+    consumed = []
+    original = download_stage.PartWriter.add
+    monkeypatch.setattr(download_stage.PartWriter, "add", lambda writer, src, text, state=None: (
+        consumed.append(text), original(writer, src, text, state)))
+    assert download(tmp_path / "data", source) == texts
+    folder = next(p for p in (tmp_path / "data" / "raw").iterdir() if not p.name.startswith("."))
+    assert {name: (folder / name).stat().st_mtime_ns for name in done} == before  # finished parts kept
+    assert len(consumed) < len(texts) and consumed[-1] == texts[-1]  # only what was not written yet
+    manifest = read_manifest(folder, "download")
+    assert manifest["counts"]["documents"] == 60 and not list(folder.glob(".*"))
+
+
+def test_parts_split_the_source_disjointly(tmp_path: Path) -> None:
+    texts = english_documents(30, 10)
+    source = write_jsonl(tmp_path / "docs.jsonl", texts)
+    shares = [download(tmp_path / "data", source, part=f"{i}/3") for i in range(3)]
+    assert sorted(text for share in shares for text in share) == sorted(texts) and all(shares)
+    assert {p.name for p in (tmp_path / "data" / "raw").iterdir()} == {f"docs.part-{i}-of-3" for i in range(3)}
+    with pytest.raises(PipelineError, match="must be I/N with 0 <= I < N"):
+        download(tmp_path / "data", source, part="3/3")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import english_documents, prepare, write_jsonl
 
-from pipeline.artifacts import read_manifest
+from pipeline.artifacts import read_manifest, sha256_file
 from pipeline.config import PipelineError
 from pipeline.shard import ShardConfig, load_index, run
 from pipeline.shards import read_shard, read_token_part
@@ -36,7 +36,7 @@ def shard_documents(shards_dir: Path, split: str) -> list[tuple[int, ...]]:
 
 
 def test_every_document_lands_exactly_once_and_the_split_is_by_document(tokens: Path) -> None:
-    ids, offsets = read_token_part(tokens / "tokens" / "docs", "part_00000")
+    ids, offsets = read_token_part(tokens / "tokens" / "docs", "part_00000", 300)
     originals = Counter(tuple(ids[a:b].tolist()) for a, b in pairwise(offsets))
     shards_dir = tokens / "shards" / "docs"
     train, val = shard_documents(shards_dir, "train"), shard_documents(shards_dir, "val")
@@ -83,8 +83,8 @@ def test_missing_or_changed_upstream_is_reported(tokens: Path) -> None:
         run(ShardConfig(data_dir=tokens, corpus="other"))
     with pytest.raises(PipelineError, match=r"differs in: val_fraction"):
         run(ShardConfig(data_dir=tokens, corpus="docs", val_fraction=0.2))
-    (tokens / "tokens" / "docs" / "part_00000.ids.npy").unlink()
-    with pytest.raises(PipelineError, match=r"part_00000\.ids\.npy is listed in .* but missing"):
+    (tokens / "tokens" / "docs" / "part_00000.ids").unlink()
+    with pytest.raises(PipelineError, match=r"part_00000\.ids is listed in .* but missing"):
         run(ShardConfig(data_dir=tokens, corpus="docs", val_fraction=0.1, force=True))
 
 
@@ -92,3 +92,69 @@ def test_a_single_document_cannot_be_split(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "one.jsonl", ["Only one document here."])
     with pytest.raises(PipelineError, match=r"holds 1 document\(s\).*--doc-split blankline"):
         prepare(tmp_path / "data", str(source), "one", "bpe:260")
+
+
+def test_documents_are_shuffled_deterministically(tokens: Path) -> None:
+    ids, offsets = read_token_part(tokens / "tokens" / "docs", "part_00000", 300)
+    in_order = [tuple(ids[a:b].tolist()) for a, b in pairwise(offsets)]
+    train = shard_documents(tokens / "shards" / "docs", "train")
+    assert train != [doc for doc in in_order if doc in set(train)]  # not the input order
+    run(ShardConfig(data_dir=tokens, corpus="docs", val_fraction=0.1, shuffle=False, force=True))
+    assert shard_documents(tokens / "shards" / "docs", "train") == [doc for doc in in_order if doc in set(train)]
+
+
+def test_verify_checks_every_token(tokens: Path) -> None:
+    shards_dir = tokens / "shards" / "docs"
+    assert run(ShardConfig(data_dir=tokens, corpus="docs", verify=True)) == shards_dir
+    shard = shards_dir / "val_000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[-2:] = (60000).to_bytes(2, "little")  # an id outside the 300-token vocabulary
+    shard.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match=r"val_000000\.bin does not match the sha256"):
+        run(ShardConfig(data_dir=tokens, corpus="docs", verify=True))
+    # Even with checksums that agree (a shard written wrong in the first place), the ids are checked.
+    index = json.loads((shards_dir / "index.json").read_text())
+    for entry in index["shards"]:
+        entry["sha256"] = sha256_file(shards_dir / entry["file"])
+    (shards_dir / "index.json").write_text(json.dumps(index))
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        entry["sha256"] = sha256_file(shards_dir / entry["path"])
+        entry["bytes"] = (shards_dir / entry["path"]).stat().st_size
+    (shards_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PipelineError, match=r"val_000000\.bin holds token ids outside the vocabulary"):
+        run(ShardConfig(data_dir=tokens, corpus="docs", verify=True))
+
+
+def test_parts_built_apart_merge_into_one_set_the_trainer_reads(tmp_path: Path) -> None:
+    from test_tokenize import gpt2_format_folder
+
+    from pipeline.download import DownloadConfig
+    from pipeline.download import run as download
+    from pipeline.tokenize import TokenizeConfig
+    from pipeline.tokenize import run as tokenize
+
+    texts = english_documents(120, 30)
+    source = str(write_jsonl(tmp_path / "docs.jsonl", texts))
+    tokenizer = str(gpt2_format_folder(tmp_path / "shared-tokenizer"))
+    whole = prepare(tmp_path / "whole", source, "docs", tokenizer, val_fraction=0.1)
+    data = tmp_path / "parts"
+    for i in range(3):  # as three machines would, each on its own share
+        download(DownloadConfig(data_dir=data, source=source, part=f"{i}/3"))
+        tokenize(TokenizeConfig(data_dir=data, corpus="docs", tokenizer=tokenizer, part=f"{i}/3"))
+        run(ShardConfig(data_dir=data, corpus="docs", val_fraction=0.1, part=f"{i}/3"))
+    merged = run(ShardConfig(data_dir=data, corpus="docs", merge=3))
+    index = load_index(merged)
+    assert [s["file"] for s in index["shards"] if s["split"] == "val"] == ["val_000000.bin", "val_000001.bin",
+                                                                          "val_000002.bin"]
+    for split in ("train", "val"):  # the same documents on the same side as sharding the whole corpus at once
+        assert Counter(shard_documents(merged, split)) == Counter(shard_documents(whole / "shards" / "docs", split))
+    run(ShardConfig(data_dir=data, corpus="docs", verify=True))
+
+
+def test_parts_with_different_tokenizers_are_not_merged(tmp_path: Path) -> None:
+    source = str(write_jsonl(tmp_path / "docs.jsonl", english_documents(60, 30)))
+    for i in range(2):
+        prepare(tmp_path / "data", source, "docs", "bpe:300", part=f"{i}/2")
+    with pytest.raises(PipelineError, match="must share one tokenizer"):
+        run(ShardConfig(data_dir=tmp_path / "data", corpus="docs", merge=2))

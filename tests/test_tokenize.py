@@ -8,7 +8,6 @@ import sys
 from itertools import pairwise
 from pathlib import Path
 
-import numpy as np
 import pytest
 from helpers import REPO, english_documents, subprocess_env, write_jsonl
 
@@ -29,7 +28,7 @@ def raw(tmp_path: Path) -> Path:
 
 
 def token_documents(data_dir: Path, corpus: str = "docs") -> list[list[int]]:
-    ids, offsets = read_token_part(data_dir / "tokens" / corpus, "part_00000")
+    ids, offsets = read_token_part(data_dir / "tokens" / corpus, "part_00000", 1 << 16)
     return [ids[a:b].tolist() for a, b in pairwise(offsets)]
 
 
@@ -52,8 +51,9 @@ def test_trained_bpe_is_lossless_and_recorded(raw: Path) -> None:
     manifest = read_manifest(raw / "tokens" / "docs", "tokenize")
     assert manifest["counts"] == {"documents": len(TEXTS), "tokens": sum(map(len, docs))}
     assert manifest["params"] == {"tokenizer": "docs-bpe300", "vocab_size": len(tokenizer),
-                                  "eot_id": tokenizer.convert_tokens_to_ids(EOT)}
-    assert np.load(raw / "tokens" / "docs" / "part_00000.ids.npy").dtype == np.uint16
+                                  "eot_id": tokenizer.convert_tokens_to_ids(EOT), "max_tokens": None}
+    assert (raw / "tokens" / "docs" / "part_00000.ids").stat().st_size == 2 * manifest["counts"]["tokens"]  # uint16
+    assert manifest["encoder"] == "tiktoken"  # a byte-level BPE: the fast path, checked against tokenizers
     assert tokenizer("a<|endoftext|>b")["input_ids"][1] == manifest["params"]["eot_id"]
 
 
@@ -67,6 +67,7 @@ def test_gpt2_format_folder_gives_the_ids_of_transformers_gpt2_tokenizer(raw: Pa
     reference = GPT2Tokenizer(vocab=vocab, merges=merges)
     assert token_documents(raw) == [reference(text)["input_ids"] for text in TEXTS]
     assert (raw / "tokenizer" / "my-gpt2" / "tokenizer.json").is_file()
+    assert read_manifest(raw / "tokens" / "docs", "tokenize")["encoder"] == "tiktoken"
 
 
 def test_hub_name_is_loaded_through_the_hub_cache(raw: Path, tmp_path: Path) -> None:
@@ -119,3 +120,43 @@ def test_retokenizing_with_another_tokenizer_needs_force(raw: Path) -> None:
 def test_bad_vocabulary_size_is_refused(raw: Path) -> None:
     with pytest.raises(PipelineError, match="at least 258"):
         run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer="bpe:100"))
+
+
+def test_max_tokens_stops_at_a_document_boundary(raw: Path) -> None:
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer="bpe:300", max_tokens=500))
+    docs = token_documents(raw)
+    assert sum(map(len, docs)) >= 500 > sum(map(len, docs[:-1]))
+    assert read_manifest(raw / "tokens" / "docs", "tokenize")["counts"]["tokens"] == sum(map(len, docs))
+
+
+def test_an_interrupted_run_resumes_at_the_unfinished_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import download, shards
+
+    monkeypatch.setattr(download, "PART_BYTES", 4000)  # several raw parts
+    source = write_jsonl(tmp_path / "docs.jsonl", english_documents(80, 40))
+    download.run(DownloadConfig(data_dir=tmp_path / "a", source=str(source)))
+    download.run(DownloadConfig(data_dir=tmp_path / "b", source=str(source)))
+    assert len(list((tmp_path / "a" / "raw" / "docs").glob("docs_*.jsonl"))) >= 3
+    run(TokenizeConfig(data_dir=tmp_path / "a", corpus="docs", tokenizer="bpe:300"))  # uninterrupted
+
+    closes = []
+    original_close = shards.TokenPartWriter.close
+
+    def crash_on_second_part(writer: shards.TokenPartWriter) -> None:
+        closes.append(writer.name)
+        if len(closes) == 2:
+            raise KeyboardInterrupt  # as if killed while writing part 1
+        original_close(writer)
+
+    monkeypatch.setattr(shards.TokenPartWriter, "close", crash_on_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        run(TokenizeConfig(data_dir=tmp_path / "b", corpus="docs", tokenizer="bpe:300"))
+    assert not (tmp_path / "b" / "tokens" / "docs").exists()  # nothing that looks finished
+    monkeypatch.setattr(shards.TokenPartWriter, "close", lambda writer: (closes.append(writer.name),
+                                                                         original_close(writer)))
+    closes.clear()
+    run(TokenizeConfig(data_dir=tmp_path / "b", corpus="docs", tokenizer="bpe:300"))
+    assert "part_00000" not in closes  # finished before the interruption: not encoded again
+    for name in ("part_00000.ids", "part_00001.ids", "part_00000.offsets.npy", "part_00002.offsets.npy"):
+        assert (tmp_path / "a" / "tokens" / "docs" / name).read_bytes() == (
+            tmp_path / "b" / "tokens" / "docs" / name).read_bytes()

@@ -174,8 +174,9 @@ def test_memory_savers_change_no_math_and_metrics_are_logged(data_copy: Path) ->
     assert losses(saving) == pytest.approx(losses(plain), rel=1e-5)
     for metric in saving:
         assert metric["tflops"] > 0 and metric["mfu"] == pytest.approx(metric["tflops"] / 0.5)
-        assert metric["step_seconds"] == pytest.approx(
-            metric["forward_seconds"] + metric["backward_seconds"] + metric["optimizer_seconds"])
+        phases = metric["forward_seconds"] + metric["backward_seconds"] + metric["optimizer_seconds"]
+        assert phases <= metric["step_seconds"] < phases + 0.5  # the rest: batches, loss all-reduce
+        assert 0 <= metric["data_wait_seconds"] < 0.5
         assert metric["peak_host_rss_gib"] >= metric["host_rss_gib"] > 0
     assert "mfu" not in plain[0]  # no known peak on a CPU
 
