@@ -35,7 +35,7 @@ TOKENS := $(DATA)/tokens/$(CORPUS)/manifest.json
 SHARDS := $(DATA)/shards/$(CORPUS)/manifest.json
 CKPT   := $(DATA)/checkpoints/$(RUN)/manifest.json
 
-.PHONY: install run download tokenize shard train evaluate test lint tensorboard clean-run
+.PHONY: install run download tokenize shard verify train evaluate test lint tensorboard clean-run
 
 install: $(INSTALLED)
 
@@ -71,6 +71,9 @@ shard: $(TOKENS)
 	$(SHARD)
 $(SHARDS): $(TOKENS)
 	$(SHARD)
+
+verify: $(SHARDS)
+	$(SHARD) --verify
 
 train: $(SHARDS)
 	$(TRAIN)

@@ -23,6 +23,7 @@ _encoding = None
 
 def _load_encoding(tokenizer: str) -> None:
     global _encoding
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # tiktoken would otherwise cache local files by path, stale when they change
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 

@@ -18,10 +18,12 @@ array with numpy (no pickle) after checking the magic, version and that the file
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,17 +145,21 @@ class TokenPartWriter:
         self.folder, self.name = Path(folder), name
         self.dtype = token_dtype(vocab_size)
         self.offsets = [0]
+        self.digest = hashlib.sha256()  # as it is written: the manifest need not read the file again
         self._file = open(self.folder / f".{name}.ids.partial", "wb")
 
     def add(self, documents: list[np.ndarray]) -> int:
         """Append a batch of documents; returns the number of tokens added."""
         if documents:
-            self._file.write(np.concatenate(documents).astype(self.dtype, copy=False).tobytes())
+            data = np.concatenate(documents).astype(self.dtype, copy=False).tobytes()
+            self._file.write(data)
+            self.digest.update(data)
         for ids in documents:
             self.offsets.append(self.offsets[-1] + len(ids))
         return sum(len(ids) for ids in documents)
 
-    def close(self) -> None:
+    def close(self) -> dict[str, Any]:
+        """Finish the part; returns the ids file's manifest entry."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -161,6 +167,8 @@ class TokenPartWriter:
         partial = self.folder / f".{self.name}.offsets.partial.npy"
         np.save(partial, np.asarray(self.offsets, dtype=np.int64), allow_pickle=False)
         os.replace(partial, self.folder / f"{self.name}.offsets.npy")
+        path = f"{self.name}.ids"
+        return {"path": path, "bytes": (self.folder / path).stat().st_size, "sha256": self.digest.hexdigest()}
 
 
 def token_parts(folder: Path) -> list[str]:

@@ -226,6 +226,8 @@ class Encoder:
                 self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_start_worker,
                                                 initargs=(str(tokenizer_dir / "tokenizer.json"), self.dtype.str))
+                for _ in range(self.workers):  # start them now: their start-up overlaps the caller's work
+                    self.pool.submit(int)
 
     @property
     def library(self) -> str:
@@ -322,7 +324,7 @@ def run(config: TokenizeConfig) -> Path:
     corpus = part_corpus(config.corpus, config.part)
     raw_dir = data.raw(corpus)
     raw = read_manifest(raw_dir, "download")
-    verify_files(raw_dir, raw)
+    verify_files(raw_dir, raw, checksums=False)  # checksums below, while the encoder processes start
     tokenizer_dir = build_tokenizer(config, corpus, raw_dir)
     info = tokenizer_info(tokenizer_dir)
     params = {"tokenizer": info["name"], "vocab_size": info["vocab_size"], "eot_id": info["eot_id"],
@@ -334,6 +336,7 @@ def run(config: TokenizeConfig) -> Path:
     parts = sorted(raw_dir.glob("docs_*.jsonl"))
     sample = _read_texts(parts[0], 0, _line_bounds(parts[0], 0, parts[0].stat().st_size, 1 << 20)[1]) if parts else []
     encode = Encoder(tokenizer_dir, info["vocab_size"], sample)
+    verify_files(raw_dir, raw)
     documents = tokens = 0
     with out.building(resumable=True) as folder, tqdm(total=sum(p.stat().st_size for p in parts), unit="B",
                                                       unit_scale=True, desc=f"tokenize {corpus}") as bar:
@@ -349,7 +352,8 @@ def run(config: TokenizeConfig) -> Path:
             writer = TokenPartWriter(folder, name, info["vocab_size"])
             budget = None if config.max_tokens is None else config.max_tokens - tokens
             added_documents, added_tokens = _tokenize_part(part, writer, encode, config.batch_bytes, budget, bar)
-            writer.close()
+            entry = writer.close()
+            out.hashed[entry["path"]] = entry
             documents, tokens = documents + added_documents, tokens + added_tokens
         encode.close()
         out.counts = {"documents": documents, "tokens": tokens}

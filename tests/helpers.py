@@ -46,3 +46,24 @@ def subprocess_env(data_dir: Path) -> dict[str, str]:
     # This environment's tools first: DeepSpeed rebuilds its ops whenever a different `ninja` runs.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def write_gpt2_format(folder: Path, texts: list[str], vocab_size: int) -> Path:
+    """A byte-level BPE trained on `texts`, written as OpenAI released GPT-2's: vocab.json + merges.txt, the 256
+    bytes first in GPT-2's order, then one token per merge in merge order, then <|endoftext|> as the last id.
+    (The real files cannot be used: tests make their own data.)"""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, show_progress=False)
+    folder.mkdir(parents=True)
+    bpe.save_model(str(folder))
+    merges = [line.split() for line in (folder / "merges.txt").read_text().splitlines()[1:] if line]
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    byte_chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    vocab = {char: i for i, char in enumerate(byte_chars)}
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    return folder

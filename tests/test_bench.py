@@ -33,3 +33,40 @@ def test_every_system_trains_the_same_model_on_the_same_data(builtin_data: Path,
     first = [records[n]["first_loss"] for n in ("onecard-zero2_offload", "onecard-zero3_offload", "torch-plain")]
     assert max(first) - min(first) < 0.02, first
     assert (out / "table.md").read_text().count("| ok |") == 7
+
+
+def test_tokenize_benchmark_compares_with_the_reference_on_identical_tokens(tmp_path: Path) -> None:
+    from helpers import english_documents, write_gpt2_format
+
+    books = tmp_path / "books"
+    books.mkdir()
+    texts = english_documents(30, 400)
+    for i, text in enumerate(texts):
+        (books / f"book{i}.txt").write_text(text)
+    tokenizer = write_gpt2_format(tmp_path / "tokenizer", texts, 350)
+    result = subprocess.run(
+        [sys.executable, "bench/tokenize_bench.py", "--source", str(books), "--copies", "2", "--tokenizer",
+         str(tokenizer), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+        cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
+    assert set(records) == {"onecard", "onecard-tenth", "reference"}
+    keys = {"system", "benchmark", "corpus_bytes", "tokens", "tokens_per_second", "peak_host_rss_gib", "cores",
+            "command", "date"}
+    for record in records.values():
+        assert set(record) >= keys and record["benchmark"] == "tokenize" and record["tokens_per_second"] > 0
+    assert records["onecard"]["tokens"] == records["reference"]["tokens"]  # same tokenizer, same corpus
+    assert records["onecard"]["encoder"] == "tiktoken"
+    assert records["onecard-tenth"]["corpus_bytes"] < records["onecard"]["corpus_bytes"] / 5
+
+
+def test_loader_benchmark(builtin_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "loader.json"
+    result = subprocess.run(
+        [sys.executable, "bench/loader_bench.py", "--data-dir", str(builtin_data), "--seq-len", "64",
+         "--batches", "50", "--out", str(out)], cwd=REPO, env=subprocess_env(builtin_data), capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["loader_tokens_per_second"] > 0 and record["prefetcher_tokens_per_second"] > 0
+    assert 0 <= record["fed_wait_fraction"] < 1

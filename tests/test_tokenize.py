@@ -9,7 +9,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from helpers import REPO, english_documents, subprocess_env, write_jsonl
+from helpers import REPO, english_documents, subprocess_env, write_gpt2_format, write_jsonl
 
 from pipeline.artifacts import read_manifest
 from pipeline.config import PipelineError
@@ -33,14 +33,8 @@ def token_documents(data_dir: Path, corpus: str = "docs") -> list[list[int]]:
 
 
 def gpt2_format_folder(folder: Path) -> Path:
-    """A tokenizer in GPT-2's original release format (vocab.json + merges.txt), trained here."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(TEXTS * 3, vocab_size=400, special_tokens=[EOT], show_progress=False)
-    folder.mkdir()
-    bpe.save_model(str(folder))
-    return folder
+    """A tokenizer trained here, in GPT-2's original release format: see helpers.write_gpt2_format."""
+    return write_gpt2_format(folder, TEXTS * 3, 400)
 
 
 def test_trained_bpe_is_lossless_and_recorded(raw: Path) -> None:
@@ -142,21 +136,35 @@ def test_an_interrupted_run_resumes_at_the_unfinished_part(tmp_path: Path, monke
     closes = []
     original_close = shards.TokenPartWriter.close
 
-    def crash_on_second_part(writer: shards.TokenPartWriter) -> None:
+    def crash_on_second_part(writer: shards.TokenPartWriter) -> dict:
         closes.append(writer.name)
         if len(closes) == 2:
             raise KeyboardInterrupt  # as if killed while writing part 1
-        original_close(writer)
+        return original_close(writer)
 
     monkeypatch.setattr(shards.TokenPartWriter, "close", crash_on_second_part)
     with pytest.raises(KeyboardInterrupt):
         run(TokenizeConfig(data_dir=tmp_path / "b", corpus="docs", tokenizer="bpe:300"))
     assert not (tmp_path / "b" / "tokens" / "docs").exists()  # nothing that looks finished
     monkeypatch.setattr(shards.TokenPartWriter, "close", lambda writer: (closes.append(writer.name),
-                                                                         original_close(writer)))
+                                                                         original_close(writer))[1])
     closes.clear()
     run(TokenizeConfig(data_dir=tmp_path / "b", corpus="docs", tokenizer="bpe:300"))
     assert "part_00000" not in closes  # finished before the interruption: not encoded again
     for name in ("part_00000.ids", "part_00001.ids", "part_00000.offsets.npy", "part_00002.offsets.npy"):
         assert (tmp_path / "a" / "tokens" / "docs" / name).read_bytes() == (
             tmp_path / "b" / "tokens" / "docs" / name).read_bytes()
+
+
+def test_both_encoders_give_the_same_ids(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from pipeline import tokenize
+
+    tokenizer = str(gpt2_format_folder(tmp_path / "tok"))
+    shutil.copytree(raw, tmp_path / "other")
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer=tokenizer))
+    monkeypatch.setattr(tokenize, "tiktoken_encoding", lambda path: None)  # the `tokenizers` path
+    run(TokenizeConfig(data_dir=tmp_path / "other", corpus="docs", tokenizer=tokenizer))
+    assert read_manifest(tmp_path / "other" / "tokens" / "docs", "tokenize")["encoder"] == "tokenizers"
+    assert token_documents(raw) == token_documents(tmp_path / "other")
