@@ -15,6 +15,7 @@ CONFIG    ?= ds_configs/zero3_offload.json
 STEPS     ?= 300
 RUN       ?= $(CORPUS)-$(PRESET)-$(basename $(notdir $(CONFIG)))
 TRAIN_ARGS ?=
+EVAL_ARGS ?=
 PORT      ?= 6006
 
 # Use the active virtualenv if there is one, otherwise create ./.venv.
@@ -28,6 +29,7 @@ PY := $(VENV)/bin/python
 # ninja than last time rebuilds them all.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 INSTALLED := $(VENV)/.onecard-installed
+TEST_INSTALLED := $(VENV)/.onecard-test-installed
 export ONECARD_DATA := $(DATA)
 
 RAW    := $(DATA)/raw/$(CORPUS)/manifest.json
@@ -44,6 +46,11 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e .
+	touch $@
+
+# What only the tests need (pytest, ruff, EleutherAI's lm-evaluation-harness), on top of the install.
+$(TEST_INSTALLED): $(INSTALLED)
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
@@ -81,13 +88,13 @@ $(CKPT): $(SHARDS)
 	$(TRAIN)
 
 evaluate: $(CKPT)
-	$(PY) -m pipeline.evaluate --run $(RUN)
+	$(PY) -m pipeline.evaluate --run $(RUN) $(EVAL_ARGS)
 
-test: $(INSTALLED)
+test: $(TEST_INSTALLED)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-lint: $(INSTALLED)
+lint: $(TEST_INSTALLED)
 	$(PY) -m ruff check .
 
 tensorboard: $(INSTALLED)

@@ -55,7 +55,8 @@ def command_for(system: str, name: str, config: DriverConfig, result: Path) -> l
                  "--max-steps", str(config.steps), "--micro-batch-size", str(config.micro_batch_size),
                  "--grad-accum", str(config.grad_accum), "--precision", config.precision, "--lr", str(config.lr),
                  "--data-dir", str(config.data_dir), "--corpus", config.corpus, "--run", f"bench-{name}",
-                 "--force", "--checkpoint-every", "0", "--log-every", "1", "--warmup-steps", "1", "--min-lr-ratio", "1",
+                 "--force", "--checkpoint-every", "0", "--eval-every", "0", "--log-every", "1", "--warmup-steps", "1",
+                 "--min-lr-ratio", "1",
                  *(["--gpu-mem-cap", str(config.gpu_mem_cap)] if config.gpu_mem_cap is not None else []),
                  *config.onecard_args.split()]
         return [deepspeed, "launch/train.py", *flags]

@@ -34,25 +34,23 @@ STAGE_COMMANDS = {
     "tokenize": "python -m pipeline.tokenize",
     "shard": "python -m pipeline.shard",
     "train": "deepspeed launch/train.py --deepspeed <config>",
+    "checkpoint": "deepspeed launch/train.py --deepspeed <config>",
     "evaluate": "python -m pipeline.evaluate",
 }
 
 
 def how_to_run(stage: str, force: bool = False) -> str:
     """`python -m pipeline.shard --force` (or `make shard`): the command for a stage, with its make target."""
-    target = {"tokenizer": "tokenize"}.get(stage, stage)
+    target = {"tokenizer": "tokenize", "checkpoint": "train"}.get(stage, stage)
     return f"`{STAGE_COMMANDS[stage]}{' --force' if force else ''}` (or `make {target}`)"
 
 
 _LIBRARIES = ("torch", "deepspeed", "transformers", "tokenizers", "datasets", "numpy")
 
 
-def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()  # through one fixed buffer, whatever the size
 
 
 def sha256_json(value: Any) -> str:
@@ -78,6 +76,28 @@ def write_json_atomic(path: Path, value: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def require_free_space(path: Path, needed: float, what: str, fix: str = "") -> None:
+    """A clear error, before anything is written, when the filesystem of `path` has less than `needed` bytes."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise PipelineError(
+            f"{what} needs about {human_bytes(needed)} in {path}, but its filesystem has {human_bytes(free)} free. "
+            f"Free some space or point --data-dir at a bigger disk{', ' + fix if fix else ''}; nothing has been "
+            "changed."
+        )
 
 
 def read_manifest(folder: Path, stage: str) -> dict[str, Any]:
@@ -137,13 +157,15 @@ def write_manifest(
     started: float,
     extra: dict[str, Any] | None = None,
     immutable: dict[str, dict[str, Any]] | None = None,
+    only: list[Path] | None = None,
 ) -> None:
-    """Write `folder/manifest.json`, listing every other file in the folder with its size and sha256.
+    """Write `folder/manifest.json`, listing every other file in the folder (or the files in `only`) with its
+    size and sha256.
 
-    `immutable` maps paths of files that are never rewritten (old checkpoints) to their previous entries,
+    `immutable` maps paths of files known from elsewhere (hashed as they were written) to their entries,
     which are reused rather than hashed again when the size still matches.
     """
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(only if only is not None else (p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST))
     immutable = immutable or {}
 
     def entry(p: Path) -> dict[str, Any]:

@@ -1,18 +1,24 @@
 """Checkpoints: DeepSpeed's own save and load, plus the client state that makes a resume exact.
 
-A checkpoint is `checkpoints/<run>/step_NNNNNNNN/` written by `engine.save_checkpoint`; DeepSpeed updates the
-`latest` pointer only after every file is written, so a crash mid-save leaves the previous checkpoint in
-charge. The client state carries the next step (the data position: batches are addressed by step) and the
+A checkpoint is `checkpoints/<run>/step_NNNNNNNN/` written by `engine.save_checkpoint`. It becomes the one a
+resume loads only when every rank's files are written and flushed to disk: then rank 0 replaces the `latest`
+pointer atomically (DeepSpeed's own pointer is a plain overwrite, which a kill can leave empty), so a crash
+mid-save leaves the previous checkpoint in charge and the half-written folder is removed on the next save.
+Each checkpoint has its own `manifest.json` (every file, size and sha256, the step and tokens seen), written
+before it becomes `latest`; the run's `manifest.json` covers the run's own files (run.json, ds_config.json),
+so no manifest ever lists a file that a later save or prune changes.
+The client state carries the next step (the data position: batches are addressed by step) and the
 RNG states. Beside DeepSpeed's partitioned files each checkpoint holds `model_fp32.safetensors`: the fp32
 master weights gathered from every rank's partition (and from NVMe) with DeepSpeed's
-`safe_get_full_fp32_param`, which evaluation and export load without pickle and without DeepSpeed. After
-each save the run's `manifest.json` is rewritten with every file, size and checksum.
+`safe_get_full_fp32_param`, which evaluation and export load without pickle and without DeepSpeed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.artifacts import MANIFEST, read_manifest, sha256_json, verify_files, write_manifest
+from pipeline.artifacts import read_manifest, sha256_json, verify_files, write_manifest
 from pipeline.config import PipelineError
 
 log = logging.getLogger("onecard")
@@ -56,6 +62,11 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     if not pointer.is_file():
         return None
     tag = pointer.read_text().strip()
+    if not re.fullmatch(rf"{TAG_PREFIX}\d{{8}}", tag):
+        raise PipelineError(
+            f"{pointer} does not name a checkpoint ({tag[:40]!r}). Write the name of the newest complete step_* "
+            "folder into it, or start the run over with --force."
+        )
     if not (Path(ckpt_dir) / tag).is_dir():
         raise PipelineError(
             f"{pointer} points at {tag}, which is not in {ckpt_dir}. Restore that folder, point `latest` at an "
@@ -74,10 +85,36 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in Path(ckpt_dir).glob(f"{TAG_PREFIX}*") if p.is_dir())
 
 
+def disk_needs(ckpt_dir: Path, n_params: int, ds: dict[str, Any], nvme_too: bool) -> list[tuple[Path, float, str]]:
+    """(folder, bytes, what) the run is about to write: the next checkpoint (as big as the latest one, or
+    20 bytes per parameter for the first: fp32 weights, fp32 master copy and two Adam moments, plus the
+    model's own states; 12 more when the optimizer lives on NVMe, whose swap files the checkpoint copies)
+    and, with `nvme_too`, DeepSpeed's NVMe swap: 12 bytes per parameter for the optimizer, 2 or 4 for the
+    parameters, 20% over for its alignment and buffers."""
+    from pipeline.dsconfig import offload_devices, precision
+
+    params_device, optimizer_device = offload_devices(ds)
+    tag = latest_tag(ckpt_dir) if Path(ckpt_dir).is_dir() else None
+    if tag:
+        checkpoint_bytes = sum(p.stat().st_size for p in (Path(ckpt_dir) / tag).rglob("*") if p.is_file())
+    else:
+        checkpoint_bytes = n_params * (20 + (12 if optimizer_device == "nvme" else 0))
+    needs = [(Path(ckpt_dir), checkpoint_bytes * 1.05, "the next checkpoint")]
+    if nvme_too:
+        zero = ds["zero_optimization"]
+        if optimizer_device == "nvme":
+            needs.append((Path(zero["offload_optimizer"]["nvme_path"]), 1.2 * 12 * n_params, "the NVMe optimizer swap"))
+        if params_device == "nvme":
+            width = 4 if precision(ds) == "fp32" else 2
+            needs.append((Path(zero["offload_param"]["nvme_path"]), 1.2 * width * n_params, "the NVMe parameter swap"))
+    return needs
+
+
 def save(engine: Any, model: torch.nn.Module, ckpt_dir: Path, step: int, client_state: dict[str, Any],
-         keep: int) -> None:
+         keep: int, record: dict[str, Any]) -> None:
     """Save on every rank (ZeRO writes one shard per rank), then drop all but the newest `keep` checkpoints.
-    `model` is the GPT-2 model inside the engine, whose weights go to the checkpoint's safetensors file."""
+    `model` is the GPT-2 model inside the engine, whose weights go to the checkpoint's safetensors file;
+    `record` (identity, inputs, counts, started) goes into the checkpoint's manifest."""
     from deepspeed import comm as dist
 
     tag = tag_for(step)
@@ -89,16 +126,52 @@ def save(engine: Any, model: torch.nn.Module, ckpt_dir: Path, step: int, client_
             shutil.rmtree(folder)  # half-written by a run that crashed while saving; `latest` never pointed here
         dist.barrier()
     weights = gather_fp32_weights(model)  # a collective: every rank takes part
-    if dist.get_rank() == 0:
-        folder.mkdir(parents=True)
-        save_file(weights, str(folder / WEIGHTS))
+    try:
+        if dist.get_rank() == 0:
+            folder.mkdir(parents=True)
+            save_file(weights, str(folder / WEIGHTS))
+        dist.barrier()
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        _fsync_files(folder)  # each rank its own files (on a shared filesystem some twice: harmless)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        if dist.get_rank() == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        previous = latest_tag(ckpt_dir)
+        raise PipelineError(
+            f"writing checkpoint {folder} failed ({error}). It was removed and never became `latest`; "
+            + (f"{Path(ckpt_dir) / previous} is intact. " if previous else "")
+            + "If the disk is full, free some space (or use --keep-checkpoints 1) and run the same command again."
+        ) from error
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
-    dist.barrier()
     if dist.get_rank() == 0:
+        write_manifest(folder, "checkpoint", FORMAT_VERSION, sha256_json(record["identity"]), record["identity"],
+                       record["inputs"], record["counts"], record["started"])
+        _write_atomic(Path(ckpt_dir) / "latest", tag)
         for old in checkpoint_tags(ckpt_dir)[:-keep]:
-            shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+            if old != tag:
+                shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
     dist.barrier()
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
 
 
 def load_latest(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
@@ -111,6 +184,7 @@ def load_latest(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
         raise PipelineError(f"DeepSpeed could not load {Path(ckpt_dir) / tag}. Start over with --force.")
     if engine.zero_nvme_offload_optimizer():
         _restore_nvme_optimizer_state(engine, Path(ckpt_dir), tag)
+    _replay_cpu_adam_bias_correction(engine, client_state["step"])
     log.info("resumed from %s (step %d)", Path(ckpt_dir) / tag, client_state["step"])
     return client_state
 
@@ -149,6 +223,28 @@ def _restore_nvme_optimizer_state(engine: Any, ckpt_dir: Path, tag: str) -> None
             zero._reassign_or_swap_out_partitioned_parameters(i)
 
 
+def _replay_cpu_adam_bias_correction(engine: Any, steps: int) -> None:
+    """Make DeepSpeed's CPU Adam continue bit for bit after a resume.
+
+    Its C++ side keeps beta1**t and beta2**t as running products, one multiplication per step; a fresh process
+    starts them with std::pow(beta, t) instead, which differs in the last bit, and so do all later updates
+    (found by bench/kill_bench.py). Replaying the steps on a one-element dummy rebuilds the same products.
+    """
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    optimizer = getattr(engine.optimizer, "optimizer", None)
+    if not isinstance(optimizer, DeepSpeedCPUAdam):
+        return
+    # the updates Adam really made (fp16 loss scaling skips some), where its state says
+    steps = next((int(state["step"]) for state in optimizer.state.values() if "step" in state), steps)
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    dummy = [torch.zeros(1) for _ in range(4)]  # parameter, gradient, two moments
+    for step in range(1, steps + 1):
+        optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], beta1, beta2, group["eps"],
+                                          group["weight_decay"], group["bias_correction"], *dummy)
+
+
 def _read_swap_file(path: Path, numel: int) -> torch.Tensor:
     """One tensor DeepSpeed swapped to NVMe: raw fp32 values, padded to its I/O alignment."""
     if not path.is_file():
@@ -159,12 +255,12 @@ def _read_swap_file(path: Path, numel: int) -> torch.Tensor:
 
 def write_run_manifest(ckpt_dir: Path, identity: dict[str, Any], inputs: dict[str, Any],
                        counts: dict[str, Any], started: float) -> None:
-    """The train stage's manifest: run identity, input shards, progress, and every checkpoint file."""
+    """The train stage's manifest: run identity, input shards, progress, and the run's own files (each
+    checkpoint has its own manifest)."""
     ckpt_dir = Path(ckpt_dir)
-    previous = read_manifest(ckpt_dir, "train")["files"] if (ckpt_dir / MANIFEST).is_file() else []
-    written = {f["path"]: f for f in previous if f["path"].startswith(TAG_PREFIX)}
+    own = [ckpt_dir / name for name in (RUN_FILE, "ds_config.json") if (ckpt_dir / name).is_file()]
     write_manifest(ckpt_dir, "train", FORMAT_VERSION, sha256_json(identity), identity, inputs, counts, started,
-                   immutable=written)
+                   only=own)
 
 
 def gather_fp32_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -181,12 +277,18 @@ def gather_fp32_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
-def load_weights(ckpt_dir: Path, tag: str | None = None) -> tuple[str, dict[str, torch.Tensor]]:
-    """(tag, fp32 weights) of the latest (or the given) checkpoint, checked against the run's manifest."""
+def checkpoint_manifest(ckpt_dir: Path, tag: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(tag, manifest) of the latest (or the given) checkpoint."""
     ckpt_dir = Path(ckpt_dir)
-    manifest = read_manifest(ckpt_dir, "train")
+    read_manifest(ckpt_dir, "train")
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise PipelineError(f"{ckpt_dir} has no checkpoint yet (no `latest` file). Train first: make train.")
-    verify_files(ckpt_dir, {**manifest, "files": [f for f in manifest["files"] if f["path"].startswith(tag + "/")]})
-    return tag, load_file(str(ckpt_dir / tag / WEIGHTS))
+    return tag, read_manifest(ckpt_dir / tag, "checkpoint")
+
+
+def load_weights(ckpt_dir: Path, tag: str | None = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """(tag, fp32 weights) of the latest (or the given) checkpoint, its files checked against its manifest."""
+    tag, manifest = checkpoint_manifest(ckpt_dir, tag)
+    verify_files(Path(ckpt_dir) / tag, manifest)
+    return tag, load_file(str(Path(ckpt_dir) / tag / WEIGHTS))

@@ -7,6 +7,7 @@ into that dataclass (flags are the field names, `--data-dir` and `--data_dir` bo
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -156,4 +157,12 @@ def stage_main(cls: type[ConfigT], run: Callable[[ConfigT], Any], argv: Sequence
         run(config)
     except PipelineError as error:
         log.error("%s", error)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.error("%s: the disk is full (%s) while writing %s. Free some space (or point --data-dir at a bigger "
+                  "disk) and run the same command again: finished outputs and checkpoints are untouched, and an "
+                  "interrupted download or tokenize carries on where it stopped.", cls.__name__.removesuffix("Config"),
+                  error.strerror, error.filename or "its output")
         sys.exit(2)

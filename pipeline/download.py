@@ -5,7 +5,8 @@ Sources:
                            (`pydoc_data.topics`) and the docstrings of the standard library (read with `ast`,
                            nothing is imported). Works offline; the default.
   PATH                     a .txt / .jsonl / .parquet file (optionally .gz for .txt and .jsonl) or a folder of them
-  hf:DATASET[:CONFIG]      a Hugging Face dataset, streamed through `datasets` (stops at --max-docs/--max-bytes)
+  hf:DATASET[:CONFIG]      a Hugging Face dataset, streamed through `datasets` (stop it with --max-docs,
+                           --max-bytes or --max-tokens)
   http(s)://URL            a file of one of the local formats, fetched first
 
 Each document becomes one line `{"text": ..., "source": ...}` of `docs_00000.jsonl`, `docs_00001.jsonl`, ...
@@ -26,7 +27,7 @@ import shutil
 import sysconfig
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import IO, Any, Literal
 
 from tqdm import tqdm
 
-from pipeline.artifacts import StageOutput, write_json_atomic
+from pipeline.artifacts import StageOutput, require_free_space, write_json_atomic
 from pipeline.config import (
     LOCAL_SUFFIXES,
     DataDir,
@@ -64,6 +65,11 @@ class DownloadConfig(StageConfig):
     split: str = field(default="train", metadata={"help": "split of a hf: dataset"})
     max_docs: int | None = field(default=None, metadata={"help": "stop after this many documents"})
     max_bytes: int | None = field(default=None, metadata={"help": "stop after this many bytes of UTF-8 text"})
+    max_tokens: int | None = field(default=None, metadata={
+        "help": "stop after the document that brings the corpus to this many tokens of --count-tokenizer"})
+    count_tokenizer: str = field(default="gpt2", metadata={
+        "help": "the tokenizer --max-tokens counts with: a hub name or a local folder (the one you will tokenize "
+                "with)"})
     part: str | None = field(default=None, metadata={"help": "I/N: this process's share (0 <= I < N) of the "
                              "source, into <corpus>.part-I-of-N; see `python -m pipeline.shard --merge`"})
     doc_split: Literal["auto", "file", "blankline"] = field(
@@ -279,12 +285,13 @@ class PartWriter:
     (or the stream's own state). An interrupted download restarts from its last complete part.
     """
 
-    def __init__(self, folder: Path, max_docs: int | None, max_bytes: int | None) -> None:
-        self.folder, self.max_docs, self.max_bytes = folder, max_docs, max_bytes
+    def __init__(self, folder: Path, config: DownloadConfig, count_tokens: Callable[[str], int] | None) -> None:
+        self.folder, self.config, self.count_tokens = folder, config, count_tokens
         progress = json.loads((folder / PROGRESS).read_text()) if (folder / PROGRESS).is_file() else {}
         self.parts: list[str] = progress.get("parts", [])
         self.documents: int = progress.get("documents", 0)
         self.text_bytes: int = progress.get("text_bytes", 0)
+        self.tokens: int = progress.get("tokens", 0)
         self.consumed: int = progress.get("consumed", 0)
         self.stream_state: Any = progress.get("stream_state")
         self.sources: dict[str, dict[str, Any]] = progress.get("sources", {})
@@ -294,9 +301,9 @@ class PartWriter:
         self._part_bytes = 0
 
     def full(self) -> bool:
-        return (self.max_docs is not None and self.documents >= self.max_docs) or (
-            self.max_bytes is not None and self.text_bytes >= self.max_bytes
-        )
+        limits = ((self.config.max_docs, self.documents), (self.config.max_bytes, self.text_bytes),
+                  (self.config.max_tokens, self.tokens))
+        return any(limit is not None and count >= limit for limit, count in limits)
 
     def add(self, source: str, text: str, stream_state: Any = None) -> None:
         """One item of the source (consumed even when it is empty and skipped)."""
@@ -311,6 +318,8 @@ class PartWriter:
             self._part_bytes += len(line)
             self.text_bytes += len(data)
             self.documents += 1
+            if self.count_tokens is not None:
+                self.tokens += self.count_tokens(text)
             entry = self.sources.setdefault(source, {"documents": 0, "bytes": 0, "sha256_chain": ""})
             entry["documents"] += 1
             entry["bytes"] += len(data)
@@ -330,7 +339,7 @@ class PartWriter:
         self.parts.append(name)
         self.stream_state = stream_state
         write_json_atomic(self.folder / PROGRESS, {
-            "parts": self.parts, "documents": self.documents, "text_bytes": self.text_bytes,
+            "parts": self.parts, "documents": self.documents, "text_bytes": self.text_bytes, "tokens": self.tokens,
             "consumed": self.consumed, "stream_state": stream_state, "sources": self.sources})
 
     def source_list(self) -> list[dict[str, Any]]:
@@ -352,7 +361,8 @@ def _plan(config: DownloadConfig) -> tuple[dict[str, Any], Path | None]:
     params = {
         "source": source, "source_state": state, "text_field": config.text_field, "split": config.split,
         "max_docs": config.max_docs, "max_bytes": config.max_bytes, "doc_split": config.doc_split,
-        "part": config.part,
+        "part": config.part, "max_tokens": config.max_tokens,
+        "count_tokenizer": config.count_tokenizer if config.max_tokens is not None else None,
     }
     return params, local
 
@@ -380,8 +390,18 @@ def run(config: DownloadConfig) -> Path:
     out = StageOutput(DataDir(config.data_dir).raw(corpus), "download", FORMAT_VERSION, params, force=config.force)
     if out.up_to_date():
         return out.final
+    # the size to expect: the byte limit, else the size of plain-text input (compressed input has no good guess);
+    # JSON lines take a little more than their text
+    plain = local is not None and all(p.suffix in (".txt", ".jsonl") for p in local_files(local))
+    total = config.max_bytes or (sum(p.stat().st_size for p in local_files(local)) if plain else None)
+    require_free_space(out.final.parent, 1.2 * (total or 0), "the downloaded text")
+    count_tokens = None
+    if config.max_tokens is not None:
+        from pipeline.tokenize import token_counter  # tokenize reads downloads: import it only when needed
+
+        count_tokens = token_counter(config.count_tokenizer, config.data_dir)
     with out.building(resumable=True) as folder:
-        writer = PartWriter(folder, config.max_docs, config.max_bytes)
+        writer = PartWriter(folder, config, count_tokens)
         scratch = folder / ".fetched"
         items = open_source(config, local, scratch)
         if isinstance(items, HubStream) and writer.stream_state is not None:
@@ -390,9 +410,6 @@ def run(config: DownloadConfig) -> Path:
             items = islice(items, writer.consumed, None)
         if writer.consumed:
             log.info("download: resuming after %d documents (%d parts)", writer.documents, len(writer.parts))
-        # the bar's total: the byte limit, else the size of plain-text input (compressed input has no good guess)
-        plain = local is not None and all(p.suffix in (".txt", ".jsonl") for p in local_files(local))
-        total = config.max_bytes or (sum(p.stat().st_size for p in local_files(local)) if plain else None)
         with tqdm(desc=f"download {corpus}", total=total, initial=writer.text_bytes, unit="B",
                   unit_scale=True) as bar:
             for source, text in items:
@@ -410,6 +427,8 @@ def run(config: DownloadConfig) -> Path:
                 "Check the path, the --text-field, or the limits."
             )
         out.counts = {"documents": writer.documents, "text_bytes": writer.text_bytes, "parts": len(writer.parts)}
+        if count_tokens is not None:
+            out.counts["tokens"] = writer.tokens
         out.extra["sources"] = writer.source_list()
     log.info("download: %d documents, %.1f MB of text in %s", writer.documents, writer.text_bytes / 1e6, out.final)
     return out.final

@@ -2,9 +2,14 @@
 
 Loads the fp32 weights the trainer gathered from the ZeRO partitions into each checkpoint, measures the validation loss
 and perplexity (token-weighted, over the first --eval-tokens of the val shards) next to the loss of the same
-model at initialisation, writes generated samples, and exports `data/export/<run>/` (config.json,
-model.safetensors, tokenizer files), which is reloaded with `AutoModelForCausalLM.from_pretrained` and must
-give the same validation loss. The report goes to `data/eval/<run>/report.json` and `report.md`.
+model at initialisation, and, when given, the loss on held-out text (--eval-text, sliding window) and zero-shot
+HellaSwag and LAMBADA (--hellaswag, --lambada; the protocol is in `pipeline/zeroshot.py`). It writes generated
+samples, and exports `data/export/<run>/` (config.json, model.safetensors, tokenizer files), which is reloaded with
+`AutoModelForCausalLM.from_pretrained` and must give the same validation loss. The report goes to
+`data/eval/<run>/`: report.json (every number), report.md and loss.png (the run's loss curves).
+
+    python -m pipeline.evaluate --hellaswag hellaswag_val.jsonl --lambada lambada_test.jsonl --eval-text book.txt
+    python -m pipeline.evaluate --hellaswag hf: --lambada hf:      # from the Hugging Face hub, when online
 """
 
 from __future__ import annotations
@@ -12,18 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline import checkpoint
-from pipeline.artifacts import StageOutput, read_manifest, write_json_atomic
+from pipeline import checkpoint, zeroshot
+from pipeline.artifacts import StageOutput, read_manifest, sha256_file, write_json_atomic
 from pipeline.config import DataDir, PipelineError, StageConfig, stage_main
 from pipeline.data import TokenSequences
 from pipeline.model import build_model, lm_loss
+from pipeline.report import markdown, plot_loss, read_curves
 from pipeline.shard import load_index
 from pipeline.tokenize import load_tokenizer
 
@@ -41,6 +46,14 @@ class EvaluateConfig(StageConfig):
     batch_size: int = field(default=8, metadata={"help": "sequences per evaluation batch"})
     sample_tokens: int = field(default=48, metadata={"help": "tokens generated per sample prompt"})
     seed: int = field(default=1337, metadata={"help": "seed for sampling"})
+    eval_text: str | None = field(default=None, metadata={"help": "a UTF-8 text file to score (sliding window)"})
+    eval_stride: int | None = field(
+        default=None, metadata={"help": "sliding-window stride for --eval-text (default: half the context)"})
+    hellaswag: str | None = field(
+        default=None, metadata={"help": "hellaswag_val.jsonl (rowanz/hellaswag's format), or hf: for the hub"})
+    lambada: str | None = field(
+        default=None, metadata={"help": "lambada_test.jsonl (OpenAI's GPT-2 release format), or hf: for the hub"})
+    limit: int | None = field(default=None, metadata={"help": "score only the first N items of each benchmark"})
 
 
 def resolve_run(data: DataDir, run: str | None) -> str:
@@ -64,9 +77,8 @@ def validation_loss(model: torch.nn.Module, sequences: TokenSequences, batch_siz
     """Mean next-token loss over the first max_tokens // T validation sequences (all of equal length)."""
     device = next(model.parameters()).device
     model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     total, count = 0.0, 0
-    with autocast:
+    with zeroshot.autocast_for(device):
         for inputs, targets in sequences.in_order(batch_size, max(1, max_tokens // sequences.seq_len)):
             total += lm_loss(model, inputs.to(device), targets.to(device), LOSS_CHUNK_TOKENS).item() * len(inputs)
             count += len(inputs)
@@ -86,21 +98,29 @@ def generate_samples(model: Any, tokenizer: Any, seed: int, max_new_tokens: int)
     return samples
 
 
-def _report_markdown(report: dict[str, Any]) -> str:
-    rows = [
-        ("checkpoint", f"{report['checkpoint']} (step {report['step']}, {report['tokens_seen']:,} tokens seen)"),
-        ("validation loss", f"{report['val_loss']:.4f} (perplexity {report['val_perplexity']:.2f})"),
-        ("untrained model",
-         f"{report['untrained_val_loss']:.4f} (perplexity {report['untrained_val_perplexity']:.2f})"),
-        ("exported model", f"{report['export_val_loss']:.4f}"),
-        ("scored", f"{report['eval_tokens']:,} validation tokens"),
-    ]
-    lines = [f"# Evaluation of run `{report['run']}`", "", "| | |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in rows]
-    lines += ["", "## Samples", ""]
-    for sample in report["samples"]:
-        lines += [f"**{sample['prompt']}**", "", "```", sample["text"], "```", ""]
-    return "\n".join(lines)
+def _input_digest(spec: str | None) -> dict[str, Any] | None:
+    """What a benchmark or text input is, for the output's fingerprint: its path and sha256, or its hub name."""
+    if spec is None or spec.startswith("hf:"):
+        return None if spec is None else {"hub": spec}
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise PipelineError(f"{path} does not exist: give the path of a file to score.")
+    return {"path": str(path.resolve()), "sha256": sha256_file(path)}
+
+
+def zero_shot(config: EvaluateConfig, model: Any, tokenizer: Any, eot_id: int) -> dict[str, dict[str, Any]]:
+    context = model.config.n_positions
+    results = {}
+    if config.hellaswag:
+        items = zeroshot.hellaswag_items(config.hellaswag)[: config.limit]
+        results["hellaswag"] = zeroshot.hellaswag(model, tokenizer, items, eot_id, context, config.batch_size)
+    if config.lambada:
+        pairs = zeroshot.lambada_items(config.lambada)[: config.limit]
+        results["lambada"] = zeroshot.lambada(model, tokenizer, pairs, eot_id, context, config.batch_size)
+    for name, scores in results.items():
+        log.info("evaluate: %s %s", name, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                     for k, v in scores.items()))
+    return results
 
 
 def run(config: EvaluateConfig) -> Path:
@@ -113,8 +133,12 @@ def run(config: EvaluateConfig) -> Path:
     saved = json.loads((ckpt_dir / checkpoint.RUN_FILE).read_text())
     identity = saved["identity"]
     params = {"eval_tokens": config.eval_tokens, "batch_size": config.batch_size,
-              "sample_tokens": config.sample_tokens, "seed": config.seed, "prompts": list(PROMPTS)}
-    outputs = [StageOutput(folder, "evaluate", FORMAT_VERSION, params, {"checkpoints": ckpt_dir},
+              "sample_tokens": config.sample_tokens, "seed": config.seed, "prompts": list(PROMPTS),
+              "eval_text": _input_digest(config.eval_text), "eval_stride": config.eval_stride,
+              "hellaswag": _input_digest(config.hellaswag), "lambada": _input_digest(config.lambada),
+              "limit": config.limit}
+    tag, ckpt_manifest = checkpoint.checkpoint_manifest(ckpt_dir)
+    outputs = [StageOutput(folder, "evaluate", FORMAT_VERSION, params, {"checkpoint": ckpt_dir / tag},
                            force=config.force, replace_stale=True) for folder in (data.eval(name), data.export(name))]
     if all(out.up_to_date() for out in outputs):
         return outputs[0].final
@@ -124,23 +148,33 @@ def run(config: EvaluateConfig) -> Path:
     index = load_index(shards_dir)
     val = TokenSequences(shards_dir, index, "val", identity["seq_len"])
     scored_tokens = min(len(val), max(1, config.eval_tokens // val.seq_len)) * val.seq_len
-    tokenizer = load_tokenizer(data.tokenizer(saved["tokenizer"]["name"]))
+    tokenizer_dir = data.tokenizer(saved["tokenizer"]["name"])
+    tokenizer = load_tokenizer(tokenizer_dir)
     device = _device()
 
     torch.manual_seed(identity["seed"])
     model = build_model(identity["preset"], identity["vocab_size"], index["eot_id"], identity["dropout"]).to(device)
     untrained_loss = validation_loss(model, val, config.batch_size, config.eval_tokens)
-    tag, weights = checkpoint.load_weights(ckpt_dir)
+    tag, weights = checkpoint.load_weights(ckpt_dir, tag)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(model.state_dict()) - {name for name, _ in model.named_parameters()}
     if unexpected or set(missing) - tied:
         raise PipelineError(f"{ckpt_dir / tag} does not fit the {identity['preset']} model (missing "
                             f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}).")
-    step_info = json.loads((ckpt_dir / "manifest.json").read_text())["counts"]
+    step_info = ckpt_manifest["counts"]
     val_loss = validation_loss(model, val, config.batch_size, config.eval_tokens)
     log.info("evaluate %s at %s: val loss %.4f (perplexity %.2f); untrained model %.4f (perplexity %.2f)",
              name, tag, val_loss, math.exp(val_loss), untrained_loss, math.exp(untrained_loss))
     samples = generate_samples(model, tokenizer, config.seed, config.sample_tokens)
+    eot_id = index["eot_id"]
+    text_scores = None
+    if config.eval_text:
+        window = model.config.n_positions
+        text_scores = zeroshot.text_scores(model, tokenizer, Path(config.eval_text), eot_id, window,
+                                           config.eval_stride or window // 2)
+        log.info("evaluate: %s: loss %.4f, perplexity %.2f, %.3f bits/byte", config.eval_text, text_scores["loss"],
+                 text_scores["perplexity"], text_scores["bits_per_byte"])
+    benchmarks = zero_shot(config, model, tokenizer, eot_id)
 
     with export_out.building() as export_dir:
         model.config.pad_token_id = index["eot_id"]
@@ -163,11 +197,16 @@ def run(config: EvaluateConfig) -> Path:
         "untrained_val_loss": untrained_loss, "untrained_val_perplexity": math.exp(untrained_loss),
         "export_val_loss": export_loss, "eval_tokens": scored_tokens, "samples": samples,
         "export_dir": str(export_out.final), "tokenizer": saved["tokenizer"], "shards": identity["shards"],
-        "preset": identity["preset"], "seq_len": identity["seq_len"],
+        "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json"),
+        "preset": identity["preset"], "seq_len": identity["seq_len"], "eval_text": text_scores,
+        "benchmarks": benchmarks,
     }
     with eval_out.building() as eval_dir:
+        drawn = plot_loss(read_curves(data.runs(name)), (report["step"], val_loss), eval_dir / "loss.png",
+                          f"run {name}")
+        report["loss_plot"] = "loss.png" if drawn else None
         write_json_atomic(eval_dir / "report.json", report)
-        (eval_dir / "report.md").write_text(_report_markdown(report))
+        (eval_dir / "report.md").write_text(markdown(report, report["loss_plot"]))
         eval_out.counts = {"val_loss": val_loss, "eval_tokens": scored_tokens}
     _log_to_tensorboard(data.runs(name), report)
     return eval_out.final
@@ -177,8 +216,14 @@ def _log_to_tensorboard(log_dir: Path, report: dict[str, Any]) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(log_dir)) as writer:
-        writer.add_scalar("eval/val_loss", report["val_loss"], report["step"])
-        writer.add_scalar("eval/val_perplexity", report["val_perplexity"], report["step"])
+        writer.add_scalar("evaluate/val_loss", report["val_loss"], report["step"])
+        writer.add_scalar("evaluate/val_perplexity", report["val_perplexity"], report["step"])
+        for name, scores in report["benchmarks"].items():
+            for metric, value in scores.items():
+                if metric != "items":
+                    writer.add_scalar(f"evaluate/{name}_{metric}", value, report["step"])
+        if report["eval_text"]:
+            writer.add_scalar("evaluate/eval_text_loss", report["eval_text"]["loss"], report["step"])
         for sample in report["samples"]:
             writer.add_text(f"samples/{sample['prompt']}", sample["text"], report["step"])
 

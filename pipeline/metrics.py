@@ -19,7 +19,7 @@ class Metrics:
         from torch.utils.tensorboard import SummaryWriter
 
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        kept = [line for line in self._lines() if json.loads(line)["step"] <= start_step]
+        kept = [line for line in self._lines() if (record := _parse(line)) and record["step"] <= start_step]
         self.path.write_text("".join(kept))
         self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
         self.file = open(self.path, "a")
@@ -31,8 +31,8 @@ class Metrics:
         if not self.enabled:
             return
         values = {name: float(value) for name, value in scalars.items() if value is not None}
-        for name, value in values.items():
-            self.writer.add_scalar(f"train/{name}", value, step)
+        for name, value in values.items():  # "group/name" keeps its group, anything else is train/
+            self.writer.add_scalar(name if "/" in name else f"train/{name}", value, step)
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
 
@@ -46,6 +46,16 @@ class Metrics:
             self.file.close()
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    """One metrics line; None for the cut-off last line of a process that was killed while writing it."""
+    try:
+        return json.loads(line) if line.endswith("\n") else None
+    except json.JSONDecodeError:
+        return None
+
+
 def read_metrics(log_dir: Path) -> list[dict[str, Any]]:
     path = Path(log_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    return [record for line in path.read_text().splitlines(keepends=True) if (record := _parse(line))]

@@ -8,8 +8,10 @@
 Each document goes to val or train by a keyed hash of its token ids (so the split does not depend on
 document order or on how the corpus was split into parts, and duplicate documents land on the same side).
 Documents are written in a seeded random order, streamed into shards of --shard-tokens tokens (format in
-`pipeline/shards.py`); `index.json` lists them with token and document counts and checksums. Memory grows
-with the number of documents (about 20 bytes each, for the order and the split), not with the tokens.
+`pipeline/shards.py`); `index.json` lists them with token and document counts and checksums. Memory does not
+grow with the corpus: tokens and document offsets are memory-mapped, the split is recomputed from each
+document's hash as it is written, and the order is a keyed bijection of the document numbers (a Feistel
+cipher), computed a block at a time instead of held as a permutation array.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +33,13 @@ from pipeline.artifacts import (
     StageOutput,
     how_to_run,
     read_manifest,
+    require_free_space,
     sha256_file,
     verify_files,
     write_json_atomic,
 )
 from pipeline.config import DataDir, PipelineError, StageConfig, part_corpus, stage_main
-from pipeline.shards import ShardHeader, ShardWriter, read_shard, read_token_part, token_parts
+from pipeline.shards import ShardHeader, ShardWriter, read_shard, read_token_part, token_dtype, token_parts
 
 log = logging.getLogger("onecard")
 
@@ -75,24 +79,78 @@ class TokenDocuments:
         return ids[offsets[local] : offsets[local + 1]]
 
 
-def assign_splits(documents: TokenDocuments, val_fraction: float, seed: int, where: Path) -> np.ndarray:
-    """True for each validation document. At least one document goes to each side when there are two."""
-    if len(documents) < 2:
-        raise PipelineError(
-            f"{where} holds {len(documents)} document(s): a train/val split needs at least 2. Use a bigger "
-            "corpus, or for a single text file download it with --doc-split blankline."
-        )
-    key = seed.to_bytes(8, "little")
-    scores = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(np.ascontiguousarray(documents[i]).tobytes(), digest_size=8,
-                                        key=key).digest(), "little") / 2**64 for i in range(len(documents))),
-        dtype=np.float64, count=len(documents))
-    is_val = scores < val_fraction
-    if val_fraction > 0 and not is_val.any():
-        is_val[np.argmin(scores)] = True
-    if is_val.all():
-        is_val[np.argmax(scores)] = False
-    return is_val
+PERMUTATION_BLOCK = 1 << 16
+_FEISTEL_ROUNDS = 4
+
+
+def _mix(values: np.ndarray, key: int) -> np.ndarray:
+    """A keyed 64-bit mixing function (splitmix64's finaliser) over an array, wrapping like C."""
+    z = values ^ np.uint64(key)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def shuffled_order(count: int, seed: int, block: int = PERMUTATION_BLOCK) -> Iterator[np.ndarray]:
+    """A seeded permutation of range(count), a block at a time, in O(block) memory.
+
+    A balanced Feistel network is a bijection on [0, 4**half) for any round function; values that land
+    outside [0, count) are encrypted again ("cycle walking"), which keeps it a bijection on [0, count).
+    """
+    half = max(1, (max(count - 1, 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    keys = [int(k) for k in np.random.default_rng(seed).integers(0, 2**63, _FEISTEL_ROUNDS)]
+
+    def encrypt(values: np.ndarray) -> np.ndarray:
+        left, right = values >> np.uint64(half), values & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right, key) & mask)
+        return (left << np.uint64(half)) | right
+
+    for start in range(0, count, block):
+        values = encrypt(np.arange(start, min(start + block, count), dtype=np.uint64))
+        outside = values >= count
+        while outside.any():
+            values[outside] = encrypt(values[outside])
+            outside = values >= count
+        yield values.astype(np.int64)
+
+
+class SplitAssigner:
+    """Sends a document to val when a keyed hash of its token ids falls below the validation fraction.
+
+    `prepare` makes one pass to guarantee a document on each side (when there are two): if the hash puts
+    none on one side, the document with the extreme score is moved, so only three numbers are kept.
+    """
+
+    def __init__(self, val_fraction: float, seed: int) -> None:
+        self.val_fraction, self.key = val_fraction, seed.to_bytes(8, "little")
+        self.forced: dict[int, bool] = {}
+
+    def score(self, ids: np.ndarray) -> float:
+        digest = hashlib.blake2b(np.ascontiguousarray(ids).tobytes(), digest_size=8, key=self.key).digest()
+        return int.from_bytes(digest, "little") / 2**64
+
+    def prepare(self, documents: TokenDocuments, where: Path) -> None:
+        if len(documents) < 2:
+            raise PipelineError(
+                f"{where} holds {len(documents)} document(s): a train/val split needs at least 2. Use a bigger "
+                "corpus, or for a single text file download it with --doc-split blankline."
+            )
+        val_count, lowest, highest = 0, (2.0, -1), (-1.0, -1)
+        for index in tqdm(range(len(documents)), desc="split", unit=" doc", unit_scale=True, leave=False):
+            score = self.score(documents[index])
+            val_count += score < self.val_fraction
+            lowest, highest = min(lowest, (score, index)), max(highest, (score, index))
+        if self.val_fraction > 0 and val_count == 0:
+            self.forced[lowest[1]] = True
+        if val_count == len(documents):
+            self.forced[highest[1]] = False
+
+    def is_val(self, index: int, ids: np.ndarray) -> bool:
+        if index in self.forced:
+            return self.forced[index]
+        return self.score(ids) < self.val_fraction
 
 
 class _SplitWriter:
@@ -152,17 +210,22 @@ def run(config: ShardConfig) -> Path:
                       force=config.force)
     if out.up_to_date():
         return out.final
+    total_tokens = tokens["counts"]["tokens"] + tokens["counts"]["documents"]  # one end-of-text per document
+    require_free_space(out.final.parent, total_tokens * token_dtype(vocab_size).itemsize, "the shards")
     documents = TokenDocuments(tokens_dir, vocab_size)
-    is_val = assign_splits(documents, config.val_fraction, config.split_seed, tokens_dir)
-    order = (np.random.default_rng(config.shuffle_seed).permutation(len(documents)) if config.shuffle
-             else np.arange(len(documents)))
+    splits = SplitAssigner(config.val_fraction, config.split_seed)
+    splits.prepare(documents, tokens_dir)
+    blocks = (shuffled_order(len(documents), config.shuffle_seed, PERMUTATION_BLOCK) if config.shuffle
+              else (np.arange(start, min(start + PERMUTATION_BLOCK, len(documents)))
+                    for start in range(0, len(documents), PERMUTATION_BLOCK)))
     with out.building() as folder:
         writers = {split: _SplitWriter(folder, split, config.shard_tokens, vocab_size, eot_id) for split in SPLITS}
         with tqdm(total=tokens["counts"]["tokens"], unit=" tok", unit_scale=True, desc=f"shard {corpus}") as bar:
-            for index in order:
-                ids = documents[int(index)]
-                writers["val" if is_val[index] else "train"].add(ids)
-                bar.update(len(ids))
+            for block in blocks:
+                for index in block.tolist():
+                    ids = documents[index]
+                    writers["val" if splits.is_val(index, ids) else "train"].add(ids)
+                    bar.update(len(ids))
         shards = []
         for split, writer in writers.items():
             writer.close()

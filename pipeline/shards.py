@@ -178,7 +178,7 @@ def token_parts(folder: Path) -> list[str]:
 
 def read_token_part(folder: Path, name: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids memory-mapped, document offsets) of one token part."""
-    offsets = np.load(Path(folder) / f"{name}.offsets.npy", allow_pickle=False)
+    offsets = np.load(Path(folder) / f"{name}.offsets.npy", allow_pickle=False, mmap_mode="r")
     path = Path(folder) / f"{name}.ids"
     dtype = token_dtype(vocab_size)
     if path.stat().st_size != offsets[-1] * dtype.itemsize:

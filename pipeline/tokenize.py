@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.artifacts import StageOutput, read_manifest, verify_files, write_json_atomic
+from pipeline.artifacts import StageOutput, read_manifest, require_free_space, verify_files, write_json_atomic
 from pipeline.config import DataDir, PipelineError, StageConfig, part_corpus, stage_main
 from pipeline.download import read_documents
 from pipeline.shards import TokenPartWriter, read_token_part, token_dtype, token_parts
@@ -197,6 +197,24 @@ def tiktoken_encoding(tokenizer_json: Path) -> Any:
                              special_tokens=specials)
 
 
+def token_counter(spec: str, data_dir: Path) -> Callable[[str], int]:
+    """The number of tokens a text gets from `tokenize --tokenizer spec`, for `download --max-tokens`."""
+    if spec.startswith("bpe:"):
+        raise PipelineError(
+            f"--count-tokenizer {spec}: a bpe: tokenizer is trained on the download itself, so it cannot count "
+            "the download's tokens. Count with the GPT-2 tokenizer (--count-tokenizer gpt2, or a folder of its "
+            "files), or limit the download with --max-bytes."
+        )
+    folder = build_tokenizer(TokenizeConfig(data_dir=data_dir, tokenizer=spec), corpus="", raw_dir=Path())
+    fast = tiktoken_encoding(folder / "tokenizer.json")
+    if fast is not None:
+        return lambda text: len(_encode(fast, text))
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return lambda text: len(backend.encode(text, add_special_tokens=False).ids)
+
+
 class Encoder:
     """JSON lines of documents to token ids (numpy arrays), on all cores.
 
@@ -247,9 +265,6 @@ class Encoder:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
-
-
-_worker_encoding: Any = None
 
 
 _worker: tuple[Any, np.dtype] | None = None
@@ -333,6 +348,9 @@ def run(config: TokenizeConfig) -> Path:
                       {"raw": raw_dir, "tokenizer": tokenizer_dir}, force=config.force)
     if out.up_to_date():
         return out.final
+    # at 2+ bytes of text per token (GPT-2 averages over 4 on English), the ids take at most this much
+    require_free_space(out.final.parent, raw["counts"]["text_bytes"] / 2 * token_dtype(info["vocab_size"]).itemsize,
+                       "the token ids")
     parts = sorted(raw_dir.glob("docs_*.jsonl"))
     sample = _read_texts(parts[0], 0, _line_bounds(parts[0], 0, parts[0].stat().st_size, 1 << 20)[1]) if parts else []
     encode = Encoder(tokenizer_dir, info["vocab_size"], sample)

@@ -16,17 +16,20 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from pipeline import checkpoint
-from pipeline.artifacts import input_entry, write_json_atomic
+from pipeline.artifacts import input_entry, require_free_space, write_json_atomic
 from pipeline.config import DataDir, PipelineError, StageConfig, setup_logging, stage_main
 from pipeline.data import Prefetcher, TokenSequences, TrainBatches
 from pipeline.dsconfig import check_nvme, describe, load_ds_config, merge_ds_config, offload_devices, precision
@@ -79,9 +82,15 @@ class TrainConfig(StageConfig):
     checkpoint_every: int = field(
         default=100, metadata={"help": "save a checkpoint every N steps and at the end (0: never, for benchmarks)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
+    eval_every: int = field(
+        default=100, metadata={"help": "validation loss every N steps and at the end, into TensorBoard (0: never)"})
+    eval_tokens: int = field(default=1 << 17, metadata={"help": "validation tokens scored each time"})
     log_every: int = field(default=10, metadata={"help": "console line every N steps"})
     nvme_path: str | None = field(default=None, metadata={"help": "NVMe swap root (relative: under --data-dir)"})
     verify_data: bool = field(default=True, metadata={"help": "check shard checksums before training"})
+    on_nonfinite: Literal["stop", "skip"] = field(
+        default="stop", metadata={"help": "a NaN/inf loss: stop (exit non-zero, the last checkpoint is the last good "
+                                  "state) or skip (that micro-batch contributes no gradient)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
@@ -161,6 +170,69 @@ def _check_resume(ckpt_dir: Path, identity: dict[str, Any]) -> None:
         )
 
 
+class StopSignal:
+    """SIGTERM or SIGINT (preemption, Ctrl-C): the first lets the current step finish, then the run saves a
+    checkpoint and exits 0; a second stops the process at once (a checkpoint becomes `latest` only once
+    complete, so nothing half-written is ever taken for one). Under the deepspeed launcher the ranks leave
+    SIGINT to the launcher, which passes Ctrl-C on to them as SIGTERM."""
+
+    def __init__(self, launched: bool) -> None:
+        self.received: str | None = None
+        self._signals = [signal.SIGTERM] + ([] if launched else [signal.SIGINT])
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self._signals}
+            if launched:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.SIGINT in self._signals:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)", self.received)
+
+    def requested(self, device: torch.device) -> bool:
+        """Whether any rank was signalled: all stop after the same step."""
+        from deepspeed import comm as dist
+
+        flag = torch.tensor(float(self.received is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def under_deepspeed_launcher() -> bool:
+    import psutil
+
+    parent = psutil.Process().parent()
+    return parent is not None and "deepspeed.launcher.launch" in " ".join(parent.cmdline())
+
+
+@torch.no_grad()
+def validation_loss(engine: Any, val: TokenSequences, micro_batch_size: int, max_tokens: int, rank: int,
+                    world_size: int) -> float | None:
+    """Mean loss over the first max_tokens of the val split, each rank scoring every world_size-th sequence.
+    All ranks run the same number of forwards: under ZeRO-3 each one gathers the weights from all of them."""
+    from deepspeed import comm as dist
+
+    per_rank = min(len(val), max(1, max_tokens // val.seq_len)) // world_size
+    if per_rank == 0:
+        return None
+    engine.eval()
+    total = torch.zeros((), device=engine.device)
+    for begin in range(0, per_rank, micro_batch_size):
+        indices = np.arange(begin, min(begin + micro_batch_size, per_rank)) * world_size + rank
+        rows = torch.from_numpy(val.get(indices)).to(engine.device)
+        total += engine(rows[:, :-1], rows[:, 1:]).float() * len(indices)
+    engine.train()
+    dist.all_reduce(total)
+    return total.item() / (per_rank * world_size)
+
+
 def run(config: TrainConfig) -> Path:
     import deepspeed
     from deepspeed import comm as dist
@@ -189,6 +261,7 @@ def run(config: TrainConfig) -> Path:
     dist.barrier()
     _check_resume(ckpt_dir, identity)
     end_step = min(config.max_steps, config.stop_after or config.max_steps)
+    tokens_per_step = ds["train_batch_size"] * seq_len
     if checkpoint.latest_step(ckpt_dir) >= end_step:
         log.info("run %s is already trained to step %d: nothing to do", name, checkpoint.latest_step(ckpt_dir))
         return ckpt_dir
@@ -204,6 +277,7 @@ def run(config: TrainConfig) -> Path:
 
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     batches = TrainBatches(TokenSequences(shards_dir, index, "train", seq_len), config.seed, micro, accum, world_size)
+    val = TokenSequences(shards_dir, index, "val", seq_len)
     if config.gpu_mem_cap is not None:
         cap_gpu_memory(config.gpu_mem_cap)
     torch.manual_seed(config.seed)
@@ -212,6 +286,8 @@ def run(config: TrainConfig) -> Path:
         model.activation_checkpointing_enable(every_n_layers=config.activation_checkpointing,
                                               offload=config.activation_offload)
     n_params, flops = parameter_count(model), flops_per_token(model, seq_len)
+    needs = checkpoint.disk_needs(ckpt_dir, n_params, ds, nvme_too=True)
+    _check_disk(needs if config.checkpoint_every else needs[1:])  # [0] is the checkpoint
     weight_decay = ds["optimizer"].get("params", {}).get("weight_decay", 0.0)
     schedule = lr_schedule(config)
     engine, *_ = deepspeed.initialize(
@@ -228,7 +304,6 @@ def run(config: TrainConfig) -> Path:
         for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
             group["lr"] = base_lr * schedule(start_step)
 
-    tokens_per_step = ds["train_batch_size"] * seq_len
     peak = peak_tflops(config.peak_tflops)
     log.info("model %s: %.2fM parameters, %.2f GFLOP/token, %d tokens per step, training steps %d..%d of %d on %s",
              config.preset, n_params / 1e6, flops / 1e9, tokens_per_step, start_step + 1, end_step, config.max_steps,
@@ -238,60 +313,127 @@ def run(config: TrainConfig) -> Path:
         metrics.text("config", f"```\n{merged}\n```")
     sync = get_accelerator().synchronize  # so that the time of each phase is the device's, not the launch's
     prefetch = Prefetcher(batches, rank, start_step, end_step, pin=torch.cuda.is_available())
-    for step in range(start_step, end_step):
-        step_started = time.perf_counter()
-        lr = engine.get_lr()[0]
-        loss_sum = torch.zeros((), device=engine.device)
-        times = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-        waited = prefetch.waited
-        for _ in range(accum):
-            inputs, targets = (t.to(engine.device, non_blocking=True) for t in prefetch.next())
-            started_micro = time.perf_counter()
-            loss = engine(inputs, targets)
-            sync()
-            forward_done = time.perf_counter()
-            engine.backward(loss)  # with ZeRO-Offload this also moves the gradients to the CPU
-            sync()
-            backward_done = time.perf_counter()
-            engine.step()  # the weights change on the last micro-step only: CPU Adam, then the upload
-            sync()
-            times["forward"] += forward_done - started_micro
-            times["backward"] += backward_done - forward_done
-            times["optimizer"] += time.perf_counter() - backward_done
-            loss_sum += loss.detach().float()
-        dist.all_reduce(loss_sum)
-        mean_loss = loss_sum.item() / (accum * world_size)
-        step_seconds = time.perf_counter() - step_started
-        grad_norm = engine.get_global_grad_norm()
-        tokens_per_second = tokens_per_step / step_seconds
-        tflops = flops * tokens_per_second / world_size / 1e12  # per device, as MFU is
-        done = step + 1
-        readings = memory.sample()
-        metrics.log(done, {
-            "loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-            "tokens_per_second": tokens_per_second, "tflops": tflops, "mfu": tflops / peak if peak else None,
-            "step_seconds": step_seconds, **{f"{phase}_seconds": value for phase, value in times.items()},
-            "data_wait_seconds": prefetch.waited - waited,
-            **readings,
-        })
-        if done % config.log_every == 0 or done in (start_step + 1, end_step):
-            eta = (config.max_steps - done) * step_seconds
-            log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %.0f tokens/s | %.1f TFLOP/s%s | %.2fs/step "
-                     "(fwd %.2f, bwd %.2f, opt %.2f) | %s | eta %dm%02ds", done, config.max_steps, mean_loss, lr,
-                     "-" if grad_norm is None else f"{float(grad_norm):.3f}", tokens_per_second, tflops,
-                     f" ({100 * tflops / peak:.1f}% MFU)" if peak else "", step_seconds, times["forward"],
-                     times["backward"], times["optimizer"], _memory_summary(readings), eta // 60, eta % 60)
-        if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == end_step):
-            state = {"step": done, "tokens_seen": done * tokens_per_step, "rng": checkpoint.rng_states()}
-            checkpoint.save(engine, model, ckpt_dir, done, state, config.keep_checkpoints)
-            if rank == 0:
-                checkpoint.write_run_manifest(ckpt_dir, identity, {"shards": input_entry(shards_dir)},
-                                              {"step": done, "tokens_seen": done * tokens_per_step}, started)
-    prefetch.close()
-    metrics.close()
-    log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", name, end_step, config.max_steps,
+    stop, done = StopSignal(under_deepspeed_launcher()), start_step
+    try:
+        for step in range(start_step, end_step):
+            step_started = time.perf_counter()
+            lr = engine.get_lr()[0]
+            loss_sum = torch.zeros((), device=engine.device)
+            times = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+            waited = prefetch.waited
+            for micro_step in range(accum):
+                inputs, targets = (t.to(engine.device, non_blocking=True) for t in prefetch.next())
+                started_micro = time.perf_counter()
+                loss = engine(inputs, targets)
+                if not _all_finite(loss):
+                    loss = _nonfinite(config, engine, batches, step, micro_step, rank, inputs, targets)
+                sync()
+                forward_done = time.perf_counter()
+                engine.backward(loss)  # with ZeRO-Offload this also moves the gradients to the CPU
+                sync()
+                backward_done = time.perf_counter()
+                engine.step()  # the weights change on the last micro-step only: CPU Adam, then the upload
+                sync()
+                times["forward"] += forward_done - started_micro
+                times["backward"] += backward_done - forward_done
+                times["optimizer"] += time.perf_counter() - backward_done
+                loss_sum += loss.detach().float()
+            dist.all_reduce(loss_sum)
+            mean_loss = loss_sum.item() / (accum * world_size)
+            step_seconds = time.perf_counter() - step_started
+            grad_norm = engine.get_global_grad_norm()
+            tokens_per_second = tokens_per_step / step_seconds
+            tflops = flops * tokens_per_second / world_size / 1e12  # per device, as MFU is
+            done = step + 1
+            val_loss = None
+            if config.eval_every and (done % config.eval_every == 0 or done == end_step):
+                val_loss = validation_loss(engine, val, micro, config.eval_tokens, rank, world_size)
+                if val_loss is not None:
+                    log.info("step %d: val loss %.4f (perplexity %.2f)", done, val_loss, math.exp(val_loss))
+            readings = memory.sample()
+            metrics.log(done, {
+                "loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_second": tokens_per_second, "tflops": tflops, "mfu": tflops / peak if peak else None,
+                "step_seconds": step_seconds, **{f"{phase}_seconds": value for phase, value in times.items()},
+                "data_wait_seconds": prefetch.waited - waited, "eval/val_loss": val_loss,
+                **readings,
+            })
+            if done % config.log_every == 0 or done in (start_step + 1, end_step):
+                eta = (config.max_steps - done) * step_seconds
+                log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %.0f tokens/s | %.1f TFLOP/s%s | "
+                         "%.2fs/step (fwd %.2f, bwd %.2f, opt %.2f) | %s | eta %dm%02ds", done, config.max_steps,
+                         mean_loss, lr,
+                         "-" if grad_norm is None else f"{float(grad_norm):.3f}", tokens_per_second, tflops,
+                         f" ({100 * tflops / peak:.1f}% MFU)" if peak else "", step_seconds, times["forward"],
+                         times["backward"], times["optimizer"], _memory_summary(readings), eta // 60, eta % 60)
+            stopping = stop.requested(engine.device)
+            if stopping or (config.checkpoint_every and (done % config.checkpoint_every == 0 or done == end_step)):
+                _check_disk(checkpoint.disk_needs(ckpt_dir, n_params, ds, nvme_too=False))
+                state = {"step": done, "tokens_seen": done * tokens_per_step, "rng": checkpoint.rng_states()}
+                progress = {"step": done, "tokens_seen": done * tokens_per_step}
+                inputs = {"shards": input_entry(shards_dir)}
+                checkpoint.save(engine, model, ckpt_dir, done, state, config.keep_checkpoints,
+                                {"identity": identity, "inputs": inputs, "counts": progress, "started": started})
+                if rank == 0:
+                    checkpoint.write_run_manifest(ckpt_dir, identity, inputs, progress, started)
+            if stopping:
+                log.warning("stopped after step %d on %s, with a checkpoint: run the same command to continue", done,
+                            stop.received or "another rank's signal")
+                break
+    finally:  # also on an error: the signal handlers, the reader thread and the event files
+        stop.close()
+        prefetch.close()
+        metrics.close()
+    log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", name, done, config.max_steps,
              time.time() - started, ckpt_dir)
     return ckpt_dir
+
+
+def _check_disk(needs: list[tuple[Path, float, str]]) -> None:
+    """Every rank checks its own disks; all raise together, so no rank is left waiting in a collective."""
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    problem = None
+    for folder, needed, what in needs:
+        try:
+            require_free_space(folder, needed, what, "then run the same command again")
+        except PipelineError as error:
+            problem = str(error)
+            break
+    flag = torch.tensor(float(problem is not None), device=get_accelerator().current_device_name())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise PipelineError(problem or "another rank's disk is too full to go on: see its log.")
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Whether every rank's loss is finite (a collective, so all ranks take the same branch)."""
+    from deepspeed import comm as dist
+
+    bad = (~torch.isfinite(loss.detach())).float()
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
+def _nonfinite(config: TrainConfig, engine: Any, batches: TrainBatches, step: int, micro_step: int, rank: int,
+               inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A NaN/inf loss at (step, micro step): stop, or replace it by a zero-gradient loss of one token."""
+    where = (f"step {step + 1}, micro-step {micro_step}, rank {rank}: train sequences "
+             f"{batches.sample_indices(step, micro_step, rank).tolist()}")
+    if config.on_nonfinite == "stop":
+        raise PipelineError(
+            f"non-finite loss at {where}. Stopped without saving: the latest checkpoint is the last good state. "
+            "Lower --lr, raise the warmup, or run again with --on-nonfinite skip to train past this batch."
+        )
+    log.warning("non-finite loss at %s: skipped (the micro-batch contributes no gradient)", where)
+    # A fresh forward on one token: a graph through the same parameters (so ZeRO's hooks run as always),
+    # scaled to zero gradient.
+    zero = engine(inputs[:1, :1], targets[:1, :1]) * 0.0
+    if not _all_finite(zero):
+        raise PipelineError(f"the model itself gives non-finite outputs at {where}: the weights have diverged. "
+                            "Resume from the last checkpoint with a lower --lr.")
+    return zero
 
 
 def _memory_summary(readings: dict[str, float | None]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from collections import Counter
 from itertools import pairwise
 from pathlib import Path
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from helpers import english_documents, prepare, write_jsonl
 
+from pipeline import shard as shard_stage
 from pipeline.artifacts import read_manifest, sha256_file
 from pipeline.config import PipelineError
-from pipeline.shard import ShardConfig, load_index, run
+from pipeline.shard import ShardConfig, load_index, run, shuffled_order
 from pipeline.shards import read_shard, read_token_part
 
 
@@ -101,6 +103,32 @@ def test_documents_are_shuffled_deterministically(tokens: Path) -> None:
     assert train != [doc for doc in in_order if doc in set(train)]  # not the input order
     run(ShardConfig(data_dir=tokens, corpus="docs", val_fraction=0.1, shuffle=False, force=True))
     assert shard_documents(tokens / "shards" / "docs", "train") == [doc for doc in in_order if doc in set(train)]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 1000, 4097, 65536 + 3])
+def test_shuffled_order_is_a_seeded_permutation(count: int) -> None:
+    order = np.concatenate(list(shuffled_order(count, seed=7, block=1000)))
+    assert sorted(order.tolist()) == list(range(count))
+    assert np.array_equal(order, np.concatenate(list(shuffled_order(count, seed=7, block=333))))
+    if count >= 1000:
+        assert not np.array_equal(order, np.arange(count))
+        assert not np.array_equal(order, np.concatenate(list(shuffled_order(count, seed=8))))
+        # a real shuffle: adjacent outputs are not adjacent inputs
+        assert np.mean(np.abs(np.diff(order)) == 1) < 0.01
+
+
+def test_shard_memory_does_not_grow_with_the_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shard_stage, "PERMUTATION_BLOCK", 256)
+    peaks = []
+    for count in (2_000, 20_000):
+        source = write_jsonl(tmp_path / f"docs{count}.jsonl", english_documents(count, 3))
+        data = prepare(tmp_path / f"data{count}", str(source), "docs", "bpe:300")
+        tracemalloc.start()
+        run(ShardConfig(data_dir=data, corpus="docs", shard_tokens=1 << 20, force=True))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    # 18,000 more documents: an order or split array of even 8 bytes per document would add 144 kB.
+    assert peaks[1] - peaks[0] < 32_000, peaks
 
 
 def test_verify_checks_every_token(tokens: Path) -> None:

@@ -123,6 +123,22 @@ def test_max_tokens_stops_at_a_document_boundary(raw: Path) -> None:
     assert read_manifest(raw / "tokens" / "docs", "tokenize")["counts"]["tokens"] == sum(map(len, docs))
 
 
+def test_download_max_tokens_counts_with_the_tokenizer_that_tokenize_uses(tmp_path: Path) -> None:
+    folder = gpt2_format_folder(tmp_path / "my-gpt2")
+    source = write_jsonl(tmp_path / "docs.jsonl", TEXTS)
+    raw_dir = download(DownloadConfig(data_dir=tmp_path, source=str(source), max_tokens=700,
+                                      count_tokenizer=str(folder)))
+    counted = read_manifest(raw_dir, "download")["counts"]
+    run(TokenizeConfig(data_dir=tmp_path, corpus="docs", tokenizer=str(folder)))
+    docs = token_documents(tmp_path)
+    assert len(docs) < len(TEXTS)
+    assert counted["documents"] == len(docs) and counted["tokens"] == sum(map(len, docs))
+    assert sum(map(len, docs)) >= 700 > sum(map(len, docs[:-1]))
+    with pytest.raises(PipelineError, match=r"--count-tokenizer bpe:300.*--max-bytes"):
+        download(DownloadConfig(data_dir=tmp_path / "b", source=str(source), max_tokens=700,
+                                count_tokenizer="bpe:300"))
+
+
 def test_an_interrupted_run_resumes_at_the_unfinished_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline import download, shards
 

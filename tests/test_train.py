@@ -27,7 +27,7 @@ SEQ_LEN = 32
 
 
 DEFAULTS = {"seq_len": SEQ_LEN, "micro_batch_size": 2, "max_steps": 6, "log_every": 1, "precision": "fp32",
-            "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 100}
+            "lr": 2e-3, "warmup_steps": 2, "checkpoint_every": 100, "eval_every": 0}
 
 
 def train(data_dir: Path, config: str, run: str, **options) -> list[dict]:
@@ -128,11 +128,13 @@ def assert_same_run(data_dir: Path, straight: list[dict], resumed: list[dict]) -
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_is_exact(data_copy: Path) -> None:
-    straight = train(data_copy, "zero3_offload", "straight", checkpoint_every=3)
-    train(data_copy, "zero3_offload", "resumed", stop_after=3)
-    assert latest_tag(data_copy / "checkpoints" / "resumed") == "step_00000003"
-    assert_same_run(data_copy, straight, train(data_copy, "zero3_offload", "resumed"))
+@pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
+def test_resume_is_exact(data_copy: Path, config: str) -> None:
+    # Resuming late matters: CPU Adam's bias correction must continue bit for bit (see checkpoint.py).
+    straight = train(data_copy, config, "straight", checkpoint_every=3)
+    train(data_copy, config, "resumed", stop_after=5)
+    assert latest_tag(data_copy / "checkpoints" / "resumed") == "step_00000005"
+    assert_same_run(data_copy, straight, train(data_copy, config, "resumed"))
 
 
 def test_resume_is_exact_with_nvme_offload_in_new_processes(data_copy: Path) -> None:

@@ -1,0 +1,231 @@
+"""Zero-shot scores as EleutherAI's lm-evaluation-harness computes them: HellaSwag, LAMBADA, held-out text.
+
+Every score is a sum of next-token log-likelihoods of a continuation given a context, computed the way the
+harness does for a Hugging Face causal LM (`HFLM.loglikelihood`):
+- trailing spaces of the context move to the front of the continuation; the context and the whole string are
+  tokenized separately (no special tokens) and the continuation is what the whole has beyond the context;
+- context + continuation is cut from the left to the model's context length + 1, the last token dropped;
+- the log-likelihood is the sum over the continuation's tokens, "greedy" when each is the argmax.
+
+HellaSwag (`hellaswag_val.jsonl` of rowanz/hellaswag, or `hf:Rowan/hellaswag`): the query is
+"<activity label>: <ctx_a> <Ctx_b>" and each of the four endings a continuation after a space, all cleaned of
+WikiHow's "[title]"-style markup; acc picks the ending with the highest sum, acc_norm the highest sum per
+character of the ending (GPT-3's and the harness's normalisation).
+LAMBADA (`lambada_test.jsonl` of OpenAI's GPT-2 release, or `hf:EleutherAI/lambada_openai`): the last word,
+after a space, continues the rest of the passage; accuracy is the share predicted greedily, perplexity
+exp(-mean log-likelihood) per passage.
+Held-out text is scored in windows of the model's context, stepping by a stride: each window scores only the
+tokens the previous ones did not, so every token after the first window sees at least window - stride tokens.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.config import PipelineError
+
+HELLASWAG_HUB = ("Rowan/hellaswag", None, "validation")
+LAMBADA_HUB = ("EleutherAI/lambada_openai", "default", "test")
+
+
+@dataclass(frozen=True)
+class MultipleChoice:
+    query: str
+    choices: list[str]
+    gold: int
+
+
+# --- reading the benchmarks in their published formats ---------------------------------------------------
+
+def read_records(spec: str, hub: tuple[str, str | None, str]) -> Iterator[dict[str, Any]]:
+    """The JSON records of a local .jsonl (or .jsonl.gz) file, or of a hub dataset given as `hf:NAME`."""
+    if spec.startswith("hf:"):
+        from datasets import load_dataset
+
+        name = spec[3:] or hub[0]
+        try:
+            yield from load_dataset(name, hub[1] if name == hub[0] else None, split=hub[2])
+        except Exception as error:  # datasets raises many kinds for "not reachable"
+            raise PipelineError(f"cannot load {name} from the Hugging Face hub ({error}). Offline, give the path "
+                                "of the benchmark's .jsonl file instead.") from error
+        return
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise PipelineError(f"{path} does not exist. Give the path of the benchmark's .jsonl file, or hf: to load "
+                            "it from the Hugging Face hub.")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PipelineError(f"{path}:{number} is not a JSON line ({error.msg}).") from error
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def hellaswag_items(spec: str) -> list[MultipleChoice]:
+    items = []
+    for record in read_records(spec, HELLASWAG_HUB):
+        try:
+            context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
+            items.append(MultipleChoice(_hellaswag_clean(record["activity_label"] + ": " + context),
+                                        [_hellaswag_clean(ending) for ending in record["endings"]],
+                                        int(record["label"])))
+        except (KeyError, ValueError, TypeError) as error:
+            raise PipelineError(f"{spec} is not in HellaSwag's format (ctx_a, ctx_b, activity_label, endings, "
+                                f"label): {error!r} in {str(record)[:200]}") from error
+    return items
+
+
+def lambada_items(spec: str) -> list[tuple[str, str]]:
+    """(context, " " + last word) of each passage."""
+    items = []
+    for record in read_records(spec, LAMBADA_HUB):
+        if not isinstance(record.get("text"), str) or " " not in record["text"]:
+            raise PipelineError(f"{spec} is not in LAMBADA's format (a \"text\" of several words per line): "
+                                f"{str(record)[:200]}")
+        words = record["text"].split(" ")
+        items.append((" ".join(words[:-1]), " " + words[-1]))
+    return items
+
+
+# --- scoring ---------------------------------------------------------------------------------------------
+
+def autocast_for(device: torch.device) -> Any:
+    """bf16 autocast on a GPU (as the model trained), full precision on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _encode_pair(tokenizer: Any, context: str, continuation: str, eot_id: int) -> tuple[list[int], list[int]]:
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        return [eot_id], tokenizer.encode(continuation, add_special_tokens=False)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    context_ids = tokenizer.encode(context, add_special_tokens=False)
+    return context_ids, whole[len(context_ids):]
+
+
+@torch.no_grad()
+def loglikelihoods(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], eot_id: int, max_length: int,
+                   batch_size: int = 16, desc: str = "score") -> list[tuple[float, bool]]:
+    """(sum of log-likelihoods of the continuation, whether it is the greedy one) for each (context,
+    continuation). Batches are right-padded, which a causal model never attends to."""
+    device = next(model.parameters()).device
+    model.eval()
+    requests = []
+    for context, continuation in pairs:
+        context_ids, continuation_ids = _encode_pair(tokenizer, context, continuation, eot_id)
+        if not continuation_ids:
+            raise PipelineError(f"the continuation {continuation!r} is empty once tokenized: nothing to score.")
+        requests.append(((context_ids + continuation_ids)[-(max_length + 1):][:-1], continuation_ids))
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))  # similar lengths share a batch
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    with tqdm(total=len(requests), desc=desc, unit=" req", leave=False) as bar, autocast_for(device):
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = len(requests[batch[0]][0])
+            inputs = torch.full((len(batch), width), eot_id, dtype=torch.long)
+            for row, index in enumerate(batch):
+                ids = requests[index][0]
+                inputs[row, : len(ids)] = torch.tensor(ids)
+            logits = model(input_ids=inputs.to(device)).logits.float()
+            for row, index in enumerate(batch):
+                ids, continuation_ids = requests[index]
+                positions = slice(len(ids) - len(continuation_ids), len(ids))
+                logprobs = F.log_softmax(logits[row, positions], dim=-1)
+                target = torch.tensor(continuation_ids, device=device)
+                results[index] = (float(logprobs.gather(1, target[:, None]).sum()),
+                                  bool((logprobs.argmax(dim=-1) == target).all()))
+            bar.update(len(batch))
+    return results
+
+
+def multiple_choice_scores(logliks: list[float], choices: list[str], gold: int) -> dict[str, float]:
+    acc = max(range(len(choices)), key=lambda i: logliks[i]) == gold
+    acc_norm = max(range(len(choices)), key=lambda i: logliks[i] / len(choices[i])) == gold
+    return {"acc": float(acc), "acc_norm": float(acc_norm)}
+
+
+def hellaswag(model: Any, tokenizer: Any, items: list[MultipleChoice], eot_id: int, max_length: int,
+              batch_size: int = 16) -> dict[str, Any]:
+    pairs = [(item.query, " " + choice) for item in items for choice in item.choices]
+    flat = [ll for ll, _ in loglikelihoods(model, tokenizer, pairs, eot_id, max_length, batch_size, "hellaswag")]
+    per_item, position = [], 0
+    for item in items:
+        per_item.append(multiple_choice_scores(flat[position : position + len(item.choices)], item.choices,
+                                               item.gold))
+        position += len(item.choices)
+    return {"items": len(items), **{metric: sum(s[metric] for s in per_item) / len(items)
+                                    for metric in ("acc", "acc_norm")}}
+
+
+def lambada(model: Any, tokenizer: Any, items: list[tuple[str, str]], eot_id: int, max_length: int,
+            batch_size: int = 16) -> dict[str, Any]:
+    scored = loglikelihoods(model, tokenizer, items, eot_id, max_length, batch_size, "lambada")
+    return {"items": len(items), "acc": sum(greedy for _, greedy in scored) / len(items),
+            "perplexity": math.exp(-sum(ll for ll, _ in scored) / len(items))}
+
+
+@torch.no_grad()
+def sliding_window_nll(model: Any, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens scored) of ids[1:] given what precedes each, in windows of
+    `window` tokens stepping by `stride` (1 <= stride <= window)."""
+    if not 1 <= stride <= window:
+        raise PipelineError(f"the stride {stride} must be between 1 and the window of {window} tokens.")
+    device = next(model.parameters()).device
+    model.eval()
+    total, scored = 0.0, 0
+    with autocast_for(device):
+        for begin in _window_starts(len(ids), window, stride):
+            end = min(begin + window, len(ids) - 1)
+            inputs = torch.tensor(ids[begin:end], device=device)[None]
+            targets = torch.tensor(ids[begin + 1 : end + 1], device=device)
+            new = end - scored  # the targets no earlier window scored
+            logits = model(input_ids=inputs).logits[0, -new:].float()
+            total += float(F.cross_entropy(logits, targets[-new:], reduction="sum"))
+            scored += new
+    return total, scored
+
+
+def _window_starts(length: int, window: int, stride: int) -> Iterable[int]:
+    begin = 0
+    while True:
+        yield begin
+        if begin + window >= length - 1:
+            return
+        begin += stride
+
+
+def text_scores(model: Any, tokenizer: Any, path: Path, eot_id: int, window: int, stride: int) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of a UTF-8 text file, scored as one document after <|endoftext|>."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PipelineError(f"cannot read --eval-text {path} as UTF-8 text: {error}.") from error
+    ids = [eot_id, *tokenizer.encode(text, add_special_tokens=False)]
+    if len(ids) < 2:
+        raise PipelineError(f"--eval-text {path} is empty: there is nothing to score.")
+    nll, tokens = sliding_window_nll(model, ids, window, stride)
+    return {"path": str(path), "tokens": tokens, "bytes": len(text.encode("utf-8")), "window": window,
+            "stride": stride, "loss": nll / tokens, "perplexity": math.exp(nll / tokens),
+            "bits_per_byte": nll / math.log(2) / len(text.encode("utf-8"))}
