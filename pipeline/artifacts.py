@@ -286,7 +286,8 @@ class StageOutput:
             self._write_manifest(partial, started)
             self._move_into_place(partial)
         except BaseException:
-            if not resumable:
+            # keep what a resume can use; a build that failed before writing anything leaves nothing behind
+            if not resumable or {p.name for p in partial.iterdir()} <= {RESUME_MARKER}:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
 

@@ -254,6 +254,8 @@ def run(config: TrainConfig) -> Path:
             f"--seq-len {seq_len} is longer than the {config.preset} context of {preset_context(config.preset)}."
         )
     ds = deepspeed_config(config, world_size, data.root, name)
+    if config.gpu_mem_cap is not None:  # checked before anything is written
+        cap_gpu_memory(config.gpu_mem_cap)
     identity = run_identity(config, ds, index, shards_dir, seq_len, world_size)
     if rank == 0 and config.force:
         for folder in (ckpt_dir, log_dir, data.nvme(name)):
@@ -278,8 +280,6 @@ def run(config: TrainConfig) -> Path:
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     batches = TrainBatches(TokenSequences(shards_dir, index, "train", seq_len), config.seed, micro, accum, world_size)
     val = TokenSequences(shards_dir, index, "val", seq_len)
-    if config.gpu_mem_cap is not None:
-        cap_gpu_memory(config.gpu_mem_cap)
     torch.manual_seed(config.seed)
     model = build_model(config.preset, index["vocab_size"], index["eot_id"], config.dropout).train()
     if config.activation_checkpointing:

@@ -15,16 +15,21 @@ KEYS = {"system", "model", "config", "device", "gpu_mem_cap_gib", "seq_len", "to
         "last_loss", "status", "command", "date"}
 
 
+# One config of each system: the other onecard configs train in tests/test_train.py, and the Trainer's second
+# config differs from the first in its JSON only.
+SYSTEMS = "onecard:zero2_offload,onecard:zero3_offload,hf-trainer:zero2_offload,fsdp2:fsdp2,torch:plain"
+
+
 def test_every_system_trains_the_same_model_on_the_same_data(builtin_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     result = subprocess.run(
         [sys.executable, "bench/train_bench.py", "--data-dir", str(builtin_data), "--steps", "3", "--warmup-steps",
-         "1", "--seq-len", "32", "--micro-batch-size", "2", "--out", str(out)],
+         "1", "--seq-len", "32", "--micro-batch-size", "2", "--systems", SYSTEMS, "--out", str(out)],
         cwd=REPO, env=subprocess_env(builtin_data), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     records = {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")}
-    assert set(records) == {"onecard-zero2_offload", "onecard-zero3_offload", "onecard-zero3_nvme",
-                            "hf-trainer-zero2_offload", "hf-trainer-zero3_offload", "fsdp2-fsdp2", "torch-plain"}
+    assert set(records) == {"onecard-zero2_offload", "onecard-zero3_offload", "hf-trainer-zero2_offload",
+                            "fsdp2-fsdp2", "torch-plain"}
     for name, record in records.items():
         assert set(record) >= KEYS, name
         assert record["status"] == "ok" and record["steps"] == 3, (name, record.get("error"))
@@ -33,7 +38,7 @@ def test_every_system_trains_the_same_model_on_the_same_data(builtin_data: Path,
     # The same initial weights and the same first batch give the same first loss (up to bf16 rounding).
     first = [records[n]["first_loss"] for n in ("onecard-zero2_offload", "onecard-zero3_offload", "torch-plain")]
     assert max(first) - min(first) < 0.02, first
-    assert (out / "table.md").read_text().count("| ok |") == 7
+    assert (out / "table.md").read_text().count("| ok |") == 5
 
 
 def test_tokenize_benchmark_compares_with_the_reference_on_identical_tokens(tmp_path: Path) -> None:

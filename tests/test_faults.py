@@ -275,7 +275,7 @@ def test_kill_9_then_the_same_command_gives_the_uninterrupted_result(tmp_path: P
     out = tmp_path / "kill.json"
     result = subprocess.run(
         [sys.executable, "bench/kill_bench.py", "--trials", "2", "--targets", "tokenize,checkpoint",
-         "--train-steps", "8", "--work", str(tmp_path / "work"), "--out", str(out)],
+         "--train-steps", "4", "--work", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(out.read_text())

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import english_documents, prepare, write_jsonl
+from helpers import english_documents, prepare, rehash_shards, write_jsonl
 
 from pipeline import shard as shard_stage
-from pipeline.artifacts import read_manifest, sha256_file
+from pipeline.artifacts import read_manifest
 from pipeline.config import PipelineError
 from pipeline.shard import ShardConfig, load_index, run, shuffled_order
 from pipeline.shards import read_shard, read_token_part
@@ -141,15 +141,7 @@ def test_verify_checks_every_token(tokens: Path) -> None:
     with pytest.raises(PipelineError, match=r"val_000000\.bin does not match the sha256"):
         run(ShardConfig(data_dir=tokens, corpus="docs", verify=True))
     # Even with checksums that agree (a shard written wrong in the first place), the ids are checked.
-    index = json.loads((shards_dir / "index.json").read_text())
-    for entry in index["shards"]:
-        entry["sha256"] = sha256_file(shards_dir / entry["file"])
-    (shards_dir / "index.json").write_text(json.dumps(index))
-    manifest = json.loads((shards_dir / "manifest.json").read_text())
-    for entry in manifest["files"]:
-        entry["sha256"] = sha256_file(shards_dir / entry["path"])
-        entry["bytes"] = (shards_dir / entry["path"]).stat().st_size
-    (shards_dir / "manifest.json").write_text(json.dumps(manifest))
+    rehash_shards(shards_dir)
     with pytest.raises(PipelineError, match=r"val_000000\.bin holds token ids outside the vocabulary"):
         run(ShardConfig(data_dir=tokens, corpus="docs", verify=True))
 
