@@ -67,15 +67,24 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that a reader sees the old one or the new one, never half of one, even after a power
+    cut: the data is flushed before the rename, and the rename before returning."""
     partial = path.with_name(f".{path.name}.partial")
     with open(partial, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def human_bytes(count: float) -> str:

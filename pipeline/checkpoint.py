@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.artifacts import read_manifest, sha256_json, verify_files, write_manifest
+from pipeline.artifacts import read_manifest, sha256_json, verify_files, write_manifest, write_text_atomic
 from pipeline.config import PipelineError
 
 log = logging.getLogger("onecard")
@@ -146,7 +146,7 @@ def save(engine: Any, model: torch.nn.Module, ckpt_dir: Path, step: int, client_
     if dist.get_rank() == 0:
         write_manifest(folder, "checkpoint", FORMAT_VERSION, sha256_json(record["identity"]), record["identity"],
                        record["inputs"], record["counts"], record["started"])
-        _write_atomic(Path(ckpt_dir) / "latest", tag)
+        write_text_atomic(Path(ckpt_dir) / "latest", tag)
         for old in checkpoint_tags(ckpt_dir)[:-keep]:
             if old != tag:
                 shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
@@ -158,20 +158,6 @@ def _fsync_files(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)
 
 
 def load_latest(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:

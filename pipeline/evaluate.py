@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from pipeline import checkpoint, zeroshot
-from pipeline.artifacts import StageOutput, read_manifest, sha256_file, write_json_atomic
+from pipeline.artifacts import StageOutput, sha256_file, write_json_atomic
 from pipeline.config import DataDir, PipelineError, StageConfig, stage_main
 from pipeline.data import TokenSequences
 from pipeline.model import build_model, lm_loss
@@ -129,7 +129,7 @@ def run(config: EvaluateConfig) -> Path:
     data = DataDir(config.data_dir)
     name = resolve_run(data, config.run)
     ckpt_dir = data.checkpoints(name)
-    read_manifest(ckpt_dir, "train")
+    tag, ckpt_manifest = checkpoint.checkpoint_manifest(ckpt_dir)  # a finished run with a checkpoint
     saved = json.loads((ckpt_dir / checkpoint.RUN_FILE).read_text())
     identity = saved["identity"]
     params = {"eval_tokens": config.eval_tokens, "batch_size": config.batch_size,
@@ -137,7 +137,6 @@ def run(config: EvaluateConfig) -> Path:
               "eval_text": _input_digest(config.eval_text), "eval_stride": config.eval_stride,
               "hellaswag": _input_digest(config.hellaswag), "lambada": _input_digest(config.lambada),
               "limit": config.limit}
-    tag, ckpt_manifest = checkpoint.checkpoint_manifest(ckpt_dir)
     outputs = [StageOutput(folder, "evaluate", FORMAT_VERSION, params, {"checkpoint": ckpt_dir / tag},
                            force=config.force, replace_stale=True) for folder in (data.eval(name), data.export(name))]
     if all(out.up_to_date() for out in outputs):

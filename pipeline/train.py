@@ -192,17 +192,24 @@ class StopSignal:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)", self.received)
 
-    def requested(self, device: torch.device) -> bool:
+    def requested(self) -> bool:
         """Whether any rank was signalled: all stop after the same step."""
-        from deepspeed import comm as dist
-
-        flag = torch.tensor(float(self.received is not None), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received is not None)
 
     def close(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+
+def any_rank(condition: bool) -> bool:
+    """Whether the condition holds on any rank. A collective: every rank must call it, and all get the same
+    answer, so they take the same branch and none is left waiting in the next collective."""
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    flag = torch.tensor(float(condition), device=get_accelerator().current_device_name())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def under_deepspeed_launcher() -> bool:
@@ -314,6 +321,7 @@ def run(config: TrainConfig) -> Path:
     sync = get_accelerator().synchronize  # so that the time of each phase is the device's, not the launch's
     prefetch = Prefetcher(batches, rank, start_step, end_step, pin=torch.cuda.is_available())
     stop, done = StopSignal(under_deepspeed_launcher()), start_step
+    run_inputs = {"shards": input_entry(shards_dir)}  # what every manifest of this run records as its input
     try:
         for step in range(start_step, end_step):
             step_started = time.perf_counter()
@@ -366,16 +374,15 @@ def run(config: TrainConfig) -> Path:
                          "-" if grad_norm is None else f"{float(grad_norm):.3f}", tokens_per_second, tflops,
                          f" ({100 * tflops / peak:.1f}% MFU)" if peak else "", step_seconds, times["forward"],
                          times["backward"], times["optimizer"], _memory_summary(readings), eta // 60, eta % 60)
-            stopping = stop.requested(engine.device)
+            stopping = stop.requested()
             if stopping or (config.checkpoint_every and (done % config.checkpoint_every == 0 or done == end_step)):
                 _check_disk(checkpoint.disk_needs(ckpt_dir, n_params, ds, nvme_too=False))
-                state = {"step": done, "tokens_seen": done * tokens_per_step, "rng": checkpoint.rng_states()}
                 progress = {"step": done, "tokens_seen": done * tokens_per_step}
-                inputs = {"shards": input_entry(shards_dir)}
-                checkpoint.save(engine, model, ckpt_dir, done, state, config.keep_checkpoints,
-                                {"identity": identity, "inputs": inputs, "counts": progress, "started": started})
+                checkpoint.save(engine, model, ckpt_dir, done, {**progress, "rng": checkpoint.rng_states()},
+                                config.keep_checkpoints, {"identity": identity, "inputs": run_inputs,
+                                                          "counts": progress, "started": started})
                 if rank == 0:
-                    checkpoint.write_run_manifest(ckpt_dir, identity, inputs, progress, started)
+                    checkpoint.write_run_manifest(ckpt_dir, identity, run_inputs, progress, started)
             if stopping:
                 log.warning("stopped after step %d on %s, with a checkpoint: run the same command to continue", done,
                             stop.received or "another rank's signal")
@@ -390,10 +397,7 @@ def run(config: TrainConfig) -> Path:
 
 
 def _check_disk(needs: list[tuple[Path, float, str]]) -> None:
-    """Every rank checks its own disks; all raise together, so no rank is left waiting in a collective."""
-    from deepspeed import comm as dist
-    from deepspeed.accelerator import get_accelerator
-
+    """Every rank checks its own disks; all raise together."""
     problem = None
     for folder, needed, what in needs:
         try:
@@ -401,19 +405,13 @@ def _check_disk(needs: list[tuple[Path, float, str]]) -> None:
         except PipelineError as error:
             problem = str(error)
             break
-    flag = torch.tensor(float(problem is not None), device=get_accelerator().current_device_name())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
+    if any_rank(problem is not None):
         raise PipelineError(problem or "another rank's disk is too full to go on: see its log.")
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
-    """Whether every rank's loss is finite (a collective, so all ranks take the same branch)."""
-    from deepspeed import comm as dist
-
-    bad = (~torch.isfinite(loss.detach())).float()
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bad.item()
+    """Whether every rank's loss is finite."""
+    return not any_rank(not bool(torch.isfinite(loss.detach()).all()))
 
 
 def _nonfinite(config: TrainConfig, engine: Any, batches: TrainBatches, step: int, micro_step: int, rank: int,
