@@ -35,6 +35,8 @@ class BenchConfig:
     micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     precision: str = field(default="bf16", metadata={"help": "bf16 or fp32"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute every block's activations in the backward pass, in every system"})
     lr: float = field(default=3e-4, metadata={"help": "learning rate, constant in every system (no schedule)"})
     gpu_mem_cap: float | None = field(default=None, metadata={"help": "GPU allocator cap in GiB"})
     data_dir: Path = field(default_factory=default_data_dir, metadata={"help": "onecard data directory"})

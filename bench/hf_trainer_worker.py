@@ -67,7 +67,8 @@ def main() -> None:
             output_dir=tempfile.mkdtemp(prefix="hf-trainer-"), deepspeed=config.config,
             per_device_train_batch_size=config.micro_batch_size, gradient_accumulation_steps=config.grad_accum,
             max_steps=config.steps, learning_rate=config.lr, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
-            bf16=config.precision == "bf16", logging_steps=1, save_strategy="no", report_to=[],
+            bf16=config.precision == "bf16", gradient_checkpointing=config.gradient_checkpointing,
+            logging_steps=1, save_strategy="no", report_to=[],
             dataloader_drop_last=True, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Timing()])

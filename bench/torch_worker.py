@@ -27,6 +27,8 @@ LOSS_CHUNK_TOKENS = 2048
 def build(config: BenchConfig, vocab_size: int, eot_id: int, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(1337)
     model = TrainingModel(build_model(config.preset, vocab_size, eot_id).train(), LOSS_CHUNK_TOKENS)
+    if config.gradient_checkpointing:
+        model.lm.activation_checkpointing_enable(every_n_layers=1)
     if config.config != "fsdp2":
         return model.to(device)
     import torch.distributed as dist

@@ -12,7 +12,10 @@ table (also written to `<out>/table.md`). The throughput is the median step afte
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -45,11 +48,13 @@ def common_flags(config: DriverConfig, result: Path) -> list[str]:
              "--warmup-steps", str(config.warmup_steps), "--micro-batch-size", str(config.micro_batch_size),
              "--grad-accum", str(config.grad_accum), "--precision", config.precision, "--lr", str(config.lr),
              "--data-dir", str(config.data_dir), "--corpus", config.corpus, "--result", str(result)]
+    flags += ["--gradient-checkpointing"] if config.gradient_checkpointing else []
     return flags + (["--gpu-mem-cap", str(config.gpu_mem_cap)] if config.gpu_mem_cap is not None else [])
 
 
 def command_for(system: str, name: str, config: DriverConfig, result: Path) -> list[str]:
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    # On PATH first: an offline install with `pip --target` puts the launcher beside the packages, not Python.
+    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     if system == "onecard":
         flags = ["--deepspeed", f"ds_configs/{name}.json", "--preset", config.preset, "--seq-len", str(config.context),
                  "--max-steps", str(config.steps), "--micro-batch-size", str(config.micro_batch_size),
@@ -58,6 +63,7 @@ def command_for(system: str, name: str, config: DriverConfig, result: Path) -> l
                  "--force", "--checkpoint-every", "0", "--eval-every", "0", "--log-every", "1", "--warmup-steps", "1",
                  "--min-lr-ratio", "1",
                  *(["--gpu-mem-cap", str(config.gpu_mem_cap)] if config.gpu_mem_cap is not None else []),
+                 *(["--activation-checkpointing", "1"] if config.gradient_checkpointing else []),
                  *config.onecard_args.split()]
         return [deepspeed, "launch/train.py", *flags]
     if system == "hf-trainer":
@@ -93,11 +99,16 @@ def run_system(config: DriverConfig, spec: str) -> dict[str, Any]:
     config = replace(config, config={"onecard": f"ds_configs/{name}.json",
                                      "hf-trainer": f"bench/hf_configs/{name}.json"}.get(system, name))
     print(f"== {spec}: {' '.join(command)}", file=sys.stderr, flush=True)
+    # A session of its own, so that a timeout kills the launcher's children too: a trainer left running would
+    # hold GPU memory and cores while the next system is measured.
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     try:
-        finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=config.timeout)
-        output = finished.stdout + finished.stderr
-    except subprocess.TimeoutExpired as timeout:
-        output = f"timed out after {config.timeout}s\n{timeout.stdout or ''}{timeout.stderr or ''}"
+        output = process.communicate(timeout=config.timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        # at the end: the record keeps the output's tail
+        output = f"{process.communicate()[0]}\ntimed out after {config.timeout}s (--timeout)"
     if system == "onecard":
         record = onecard_record(config, name, command, output)
     elif result.is_file():

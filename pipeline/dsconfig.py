@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,7 @@ def check_nvme(ds: dict[str, Any]) -> None:
              if zero.get(key, {}).get("device") == "nvme"}
     if not paths:
         return
+    _check_cuda_arch_list()
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     if not AsyncIOBuilder().is_compatible(verbose=False):
@@ -184,3 +186,18 @@ def check_nvme(ds: dict[str, Any]) -> None:
             ) from error
         if not os.access(folder, os.W_OK):
             raise PipelineError(f"the NVMe swap folder {folder} is not writable. Point --nvme-path elsewhere.")
+
+
+def _check_cuda_arch_list() -> None:
+    """NVMe offload JIT-builds DeepSpeed's async_io op, whose builder reads TORCH_CUDA_ARCH_LIST as plain
+    `major.minor[+PTX]` entries and dies on an arch-specific one such as `9.0a` (which some CUDA images set):
+    `ValueError: invalid literal for int() with base 10: '0a'`, after the model is built."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    entries = [entry for entry in re.split(r"[;\s]+", value) if entry]
+    unparsable = [entry for entry in entries if not re.fullmatch(r"\d+\.\d+(\+PTX)?", entry)]
+    if unparsable:
+        raise PipelineError(
+            f"TORCH_CUDA_ARCH_LIST={value!r} has {', '.join(map(repr, unparsable))}, which DeepSpeed's op builder "
+            "cannot parse when it builds the async_io op that NVMe offload needs. Set it to plain compute "
+            "capabilities (e.g. TORCH_CUDA_ARCH_LIST=8.9 for an RTX 40-series card, 9.0 for an H100) or unset it."
+        )

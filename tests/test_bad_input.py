@@ -62,6 +62,10 @@ def no_download(data: Path) -> None:
     pass
 
 
+def arch_specific_cuda_target(data: Path) -> dict[str, str]:
+    return {"TORCH_CUDA_ARCH_LIST": "8.0;9.0a"}  # set by some CUDA images; DeepSpeed's builder cannot parse it
+
+
 def write(name: str, content: bytes) -> Callable[[Path], None]:
     def setup(data: Path) -> None:
         (data.parent / name).write_bytes(content)
@@ -69,7 +73,7 @@ def write(name: str, content: bytes) -> Callable[[Path], None]:
 
 
 CASES = [
-    # (name, setup, stage, arguments, what the message must say)
+    # (name, setup (which may return environment variables), stage, arguments, what the message must say)
     ("truncated shard", truncate, "shard", ["--verify"], r"train_000000\.bin is truncated or padded.*--force"),
     ("wrong magic", wrong_magic, "shard", ["--verify"], r"train_000000\.bin is not a onecard shard: wrong magic"),
     ("checksum mismatch", flip_a_byte, "shard", ["--verify"],
@@ -92,6 +96,8 @@ CASES = [
     ("NVMe path not writable", write("a-file", b"x"), "train",
      ["--deepspeed", "ds_configs/zero3_nvme.json", "--nvme-path", "{parent}/a-file/nvme", *TRAIN],
      r"NVMe swap folder .*a-file/nvme.* is not writable.*--nvme-path"),
+    ("CUDA arch list DeepSpeed cannot build for", arch_specific_cuda_target, "train",
+     ["--deepspeed", "ds_configs/zero3_nvme.json", *TRAIN], r"TORCH_CUDA_ARCH_LIST='8\.0;9\.0a' has '9\.0a'.*unset it"),
     ("--gpu-mem-cap larger than the card", no_download, "train",
      ["--deepspeed", "ds_configs/zero2_offload.json", "--gpu-mem-cap", "999", *TRAIN],
      r"--gpu-mem-cap 999\.0 needs a CUDA GPU|--gpu-mem-cap 999\.0 GiB is not within this GPU"),
@@ -116,13 +122,15 @@ def with_a_run(tmp_path_factory: pytest.TempPathFactory, builtin_data: Path) -> 
 
 @pytest.mark.parametrize(("name", "setup", "stage", "arguments", "message"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_before_any_damage(with_a_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture,
-                                                name: str, setup: Callable[[Path], None], stage: str,
+                                                monkeypatch: pytest.MonkeyPatch, name: str,
+                                                setup: Callable[[Path], dict[str, str] | None], stage: str,
                                                 arguments: list[str], message: str) -> None:
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(with_a_run, data)
-    setup(data)
+    for variable, value in (setup(data) or {}).items():
+        monkeypatch.setenv(variable, value)
     before = digest(data)
     argv = ["--data-dir", str(data), *(a.replace("{parent}", str(tmp_path)) for a in arguments)]
     capfd.readouterr()

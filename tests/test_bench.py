@@ -24,7 +24,8 @@ def test_every_system_trains_the_same_model_on_the_same_data(builtin_data: Path,
     out = tmp_path / "results"
     result = subprocess.run(
         [sys.executable, "bench/train_bench.py", "--data-dir", str(builtin_data), "--steps", "3", "--warmup-steps",
-         "1", "--seq-len", "32", "--micro-batch-size", "2", "--systems", SYSTEMS, "--out", str(out)],
+         "1", "--seq-len", "32", "--micro-batch-size", "2", "--gradient-checkpointing", "--systems", SYSTEMS,
+         "--out", str(out)],
         cwd=REPO, env=subprocess_env(builtin_data), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     records = {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")}
@@ -39,6 +40,25 @@ def test_every_system_trains_the_same_model_on_the_same_data(builtin_data: Path,
     first = [records[n]["first_loss"] for n in ("onecard-zero2_offload", "onecard-zero3_offload", "torch-plain")]
     assert max(first) - min(first) < 0.02, first
     assert (out / "table.md").read_text().count("| ok |") == 5
+    # --gradient-checkpointing reached every system (recomputation leaves the losses as they were, above)
+    assert "--activation-checkpointing 1" in records["onecard-zero2_offload"]["command"]
+    assert all("--gradient-checkpointing" in records[n]["command"] for n in ("hf-trainer-zero2_offload", "torch-plain"))
+
+
+def test_a_system_past_its_timeout_is_killed_with_its_children(builtin_data: Path, tmp_path: Path) -> None:
+    import psutil
+
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "bench/train_bench.py", "--data-dir", str(builtin_data), "--steps", "1000", "--seq-len", "32",
+         "--micro-batch-size", "2", "--systems", "onecard:zero2_offload", "--timeout", "10", "--out", str(out)],
+        cwd=REPO, env=subprocess_env(builtin_data), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "onecard-zero2_offload.json").read_text())
+    assert record["status"] == "error" and record["error"].endswith("timed out after 10s (--timeout)")
+    # the launcher's trainer process went with it (it would hold the GPU while the next system is measured)
+    left = [p for p in psutil.process_iter(["cmdline"]) if "bench-zero2_offload" in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]
 
 
 def test_tokenize_benchmark_compares_with_the_reference_on_identical_tokens(tmp_path: Path) -> None:
