@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 TAG_PREFIX = "step_"
 RUN_FILE = "run.json"
 WEIGHTS = "model_fp32.safetensors"
+UNIVERSAL = "universal"  # the latest checkpoint re-partitioned for another number of ranks
 
 
 def tag_for(step: int) -> str:
@@ -160,19 +161,58 @@ def _fsync_files(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def load_latest(engine: Any, ckpt_dir: Path) -> dict[str, Any] | None:
-    """Restore engine, optimizer and scheduler from the latest checkpoint; its client state, or None."""
+def load_latest(engine: Any, ckpt_dir: Path, universal: bool = False) -> dict[str, Any] | None:
+    """Restore engine, optimizer and scheduler from the latest checkpoint — from its universal form
+    (`convert_to_universal`) when the engine was configured to load one; its client state, or None."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    load_dir = Path(ckpt_dir) / UNIVERSAL if universal else Path(ckpt_dir)
+    groups = engine.optimizer.optimizer.param_groups
+    # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the first group's hyperparameters,
+    # which would put weight decay on biases and LayerNorm gains; they are this run's, as configured.
+    configured = [{k: v for k, v in group.items() if k in ("weight_decay", "betas", "eps")} for group in groups]
+    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
-        raise PipelineError(f"DeepSpeed could not load {Path(ckpt_dir) / tag}. Start over with --force.")
+        raise PipelineError(f"DeepSpeed could not load {load_dir / tag}. Start over with --force.")
+    for group, hyperparameters in zip(groups, configured, strict=True):
+        group.update(hyperparameters)
     if engine.zero_nvme_offload_optimizer():
         _restore_nvme_optimizer_state(engine, Path(ckpt_dir), tag)
     _replay_cpu_adam_bias_correction(engine, client_state["step"])
     log.info("resumed from %s (step %d)", Path(ckpt_dir) / tag, client_state["step"])
     return client_state
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str) -> None:
+    """Write checkpoint `tag` as DeepSpeed's universal checkpoint — every parameter's fp32 weights and Adam
+    moments whole, in no rank's partition — into `<ckpt_dir>/universal/<tag>`, from which any number of ranks
+    can load it. Written beside and renamed into place, so that a crash leaves no half-converted folder."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = Path(ckpt_dir) / UNIVERSAL
+    if (target / tag).is_dir():
+        return
+    partial = target.with_name(f"{UNIVERSAL}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=str(Path(ckpt_dir) / tag), output_folder=str(partial / tag), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+    shutil.rmtree(target, ignore_errors=True)  # an older conversion
+    partial.rename(target)
+
+
+def universal_info() -> dict[str, Any]:
+    """The client state entry that lets DeepSpeed's universal conversion read a checkpoint (ZeRO-1/2 ask for it)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
 def _restore_nvme_optimizer_state(engine: Any, ckpt_dir: Path, tag: str) -> None:

@@ -146,15 +146,22 @@ def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name
 
 def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any], shards_dir: Path, seq_len: int,
                  world_size: int) -> dict[str, Any]:
-    """Everything that must not change when a run is resumed (max_steps may: it extends the run)."""
+    """What a resumed run must keep (max_steps may change: it extends the run), and its layout (LAYOUT), which
+    may change as long as the global batch stays the same."""
     identity = {"corpus": config.corpus, "shards": input_entry(shards_dir)["manifest_sha256"],
                 "vocab_size": index["vocab_size"], "preset": config.preset, "seq_len": seq_len,
-                "seed": config.seed, "dropout": config.dropout, "world_size": world_size,
+                "seed": config.seed, "dropout": config.dropout, "train_batch_size": ds["train_batch_size"],
+                "world_size": world_size, "micro_batch_size": ds["train_micro_batch_size_per_gpu"],
+                "grad_accum": ds["gradient_accumulation_steps"],
                 "zero_stage": ds["zero_optimization"]["stage"], "offload": offload_devices(ds),
-                "precision": precision(ds), "micro_batch_size": ds["train_micro_batch_size_per_gpu"],
-                "grad_accum": ds["gradient_accumulation_steps"], "optimizer": ds["optimizer"],
+                "precision": precision(ds), "optimizer": ds["optimizer"],
                 "gradient_clipping": ds.get("gradient_clipping")}
     return json.loads(json.dumps(identity))  # as it reads back from run.json (tuples become lists)
+
+
+# Ranks, micro-batch and accumulation may change between a run's sessions: batches are addressed by their
+# place in the global batch, so the same global batch continues with the same sequences.
+LAYOUT = ("world_size", "micro_batch_size", "grad_accum")
 
 
 def _check_resume(ckpt_dir: Path, identity: dict[str, Any]) -> None:
@@ -162,12 +169,38 @@ def _check_resume(ckpt_dir: Path, identity: dict[str, Any]) -> None:
     if not path.is_file():
         return
     saved = json.loads(path.read_text())["identity"]
-    changed = sorted(key for key in set(saved) | set(identity) if saved.get(key) != identity.get(key))
+    changed = sorted(key for key in set(saved) | set(identity)
+                     if key not in LAYOUT and saved.get(key) != identity.get(key))
     if changed:
         raise PipelineError(
             f"{ckpt_dir} holds a run made with different settings ({', '.join(changed)}), so it cannot be "
             "resumed with these. Start a separate run with --run NAME, or start this one over with --force."
+            + (" (The number of ranks, the micro-batch and the accumulation may change, as long as their product, "
+               "the global batch, does not.)" if "train_batch_size" in changed else "")
         )
+
+
+def _resharding(ckpt_dir: Path, ds: dict[str, Any], world_size: int) -> bool:
+    """Whether the latest checkpoint was written by another number of ranks, and so must be loaded through
+    DeepSpeed's universal checkpoint (converted here, on rank 0, before the engine exists)."""
+    from deepspeed import comm as dist
+
+    tag = checkpoint.latest_tag(ckpt_dir)
+    saved_ranks = checkpoint.checkpoint_manifest(ckpt_dir, tag)[1]["params"]["world_size"] if tag else world_size
+    if saved_ranks == world_size:
+        return False
+    if "nvme" in offload_devices(ds):
+        raise PipelineError(
+            f"{ckpt_dir / tag} was written by {saved_ranks} rank(s) and this run has {world_size}, but DeepSpeed's "
+            "universal checkpoint (which re-partitions a checkpoint for another number of ranks) does not cover "
+            f"NVMe offload. Resume with {saved_ranks} rank(s), or start over with --force."
+        )
+    log.info("the latest checkpoint was written by %d rank(s), this run has %d: converting it to DeepSpeed's "
+             "universal checkpoint", saved_ranks, world_size)
+    if dist.get_rank() == 0:
+        checkpoint.convert_to_universal(ckpt_dir, tag)
+    dist.barrier()
+    return True
 
 
 class StopSignal:
@@ -297,11 +330,17 @@ def run(config: TrainConfig) -> Path:
     _check_disk(needs if config.checkpoint_every else needs[1:])  # [0] is the checkpoint
     weight_decay = ds["optimizer"].get("params", {}).get("weight_decay", 0.0)
     schedule = lr_schedule(config)
+    resharding = _resharding(ckpt_dir, ds, world_size)
     engine, *_ = deepspeed.initialize(
         model=TrainingModel(model, config.loss_chunk_tokens), model_parameters=optimizer_groups(model, weight_decay),
-        config=ds, lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        config={**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}} if resharding else ds,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
-    client_state = checkpoint.load_latest(engine, ckpt_dir)
+    client_state = checkpoint.load_latest(engine, ckpt_dir, universal=resharding)
+    if resharding:  # loaded on every rank: the conversion (as big as the checkpoint's fp32 states) has done its job
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(ckpt_dir / checkpoint.UNIVERSAL)
     start_step = client_state["step"] if client_state else 0
     if client_state:
         checkpoint.restore_rng_states(client_state["rng"])
@@ -378,7 +417,8 @@ def run(config: TrainConfig) -> Path:
             if stopping or (config.checkpoint_every and (done % config.checkpoint_every == 0 or done == end_step)):
                 _check_disk(checkpoint.disk_needs(ckpt_dir, n_params, ds, nvme_too=False))
                 progress = {"step": done, "tokens_seen": done * tokens_per_step}
-                checkpoint.save(engine, model, ckpt_dir, done, {**progress, "rng": checkpoint.rng_states()},
+                state = {**progress, "rng": checkpoint.rng_states(), **checkpoint.universal_info()}
+                checkpoint.save(engine, model, ckpt_dir, done, state,
                                 config.keep_checkpoints, {"identity": identity, "inputs": run_inputs,
                                                           "counts": progress, "started": started})
                 if rank == 0:
