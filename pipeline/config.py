@@ -21,7 +21,9 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 DATA_DIR_ENV = "ONECARD_DATA"
 # The file kinds the download stage reads (also stripped from a file name to name its corpus).
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
+DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".zip")
+LOCAL_SUFFIXES = DOCUMENT_SUFFIXES + ARCHIVE_SUFFIXES
 log = logging.getLogger("onecard")
 
 

@@ -4,7 +4,8 @@ Sources:
   builtin                  real English that ships with every Python: the language reference topics
                            (`pydoc_data.topics`) and the docstrings of the standard library (read with `ast`,
                            nothing is imported). Works offline; the default.
-  PATH                     a .txt / .jsonl / .parquet file (optionally .gz for .txt and .jsonl) or a folder of them
+  PATH                     a .txt / .jsonl / .parquet file (optionally .gz for .txt and .jsonl), a .tar(.gz/.xz/.bz2)
+                           or .zip archive of them (read in memory: nothing is extracted), or a folder of these
   hf:DATASET[:CONFIG]      a Hugging Face dataset, streamed through `datasets` (stop it with --max-docs,
                            --max-bytes or --max-tokens)
   http(s)://URL            a file of one of the local formats, fetched first
@@ -37,6 +38,8 @@ from tqdm import tqdm
 
 from pipeline.artifacts import StageOutput, require_free_space, write_json_atomic
 from pipeline.config import (
+    ARCHIVE_SUFFIXES,
+    DOCUMENT_SUFFIXES,
     LOCAL_SUFFIXES,
     DataDir,
     PipelineError,
@@ -75,7 +78,7 @@ class DownloadConfig(StageConfig):
     doc_split: Literal["auto", "file", "blankline"] = field(
         default="auto",
         metadata={"help": "documents of .txt input: one per file, or one per blank-line-separated block "
-                  "(auto: per file for a folder, per block for a single file)"},
+                  "(auto: per file for a folder or an archive's members, per block for a single file)"},
     )
 
 
@@ -122,35 +125,35 @@ def builtin_documents() -> Iterator[tuple[str, str]]:
 
 # --- local files ----------------------------------------------------------------------------------------
 
-def _open_text(path: Path) -> IO[str]:
-    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+def _open_text(name: str, raw: IO[bytes]) -> IO[str]:
+    if name.endswith(".gz"):
+        raw = gzip.open(raw, "rb")
     # utf-8-sig drops a byte-order mark; newline=None turns CRLF into LF.
     return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline=None)
 
 
-def _not_utf8(path: Path, error: UnicodeDecodeError) -> PipelineError:
+def _not_utf8(name: str, error: UnicodeDecodeError) -> PipelineError:
     return PipelineError(
-        f"{path} is not UTF-8 text (byte {error.start} cannot be decoded: {error.reason}). Convert it first, "
-        f"e.g. `iconv -f latin1 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)}`, "
-        "then pass the converted file to --source."
+        f"{name} is not UTF-8 text (byte {error.start} cannot be decoded: {error.reason}). Convert it first, "
+        "e.g. with `iconv -f latin1 -t utf-8`, then pass the converted file to --source."
     )
 
 
-def _txt_documents(path: Path, per_block: bool) -> Iterator[str]:
+def _txt_documents(name: str, raw: IO[bytes], per_block: bool) -> Iterator[str]:
     try:
-        with _open_text(path) as f:
+        with _open_text(name, raw) as f:
             text = f.read()
     except UnicodeDecodeError as error:
-        raise _not_utf8(path, error) from error
+        raise _not_utf8(name, error) from error
     if per_block:
         yield from re.split(r"\n\s*\n", text)
     else:
         yield text
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def _jsonl_documents(name: str, raw: IO[bytes], text_field: str) -> Iterator[str]:
     try:
-        with _open_text(path) as f:
+        with _open_text(name, raw) as f:
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -158,33 +161,66 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise PipelineError(
-                        f"{path}:{line_number} is not valid JSON ({error.msg}). Every line of a .jsonl "
+                        f"{name}:{line_number} is not valid JSON ({error.msg}). Every line of a .jsonl "
                         f"file must be one JSON object with a {text_field!r} field."
                     ) from error
                 if not isinstance(record, dict) or text_field not in record:
                     raise PipelineError(
-                        f"{path}:{line_number} has no {text_field!r} field. Name the field holding the text "
+                        f"{name}:{line_number} has no {text_field!r} field. Name the field holding the text "
                         "with --text-field."
                     )
                 yield record[text_field]
     except UnicodeDecodeError as error:
-        raise _not_utf8(path, error) from error
+        raise _not_utf8(name, error) from error
 
 
-def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+def _parquet_documents(name: str, raw: IO[bytes], text_field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(raw if raw.seekable() else io.BytesIO(raw.read()))
     except Exception as error:
-        raise PipelineError(f"{path} is not a readable parquet file ({error}).") from error
+        raise PipelineError(f"{name} is not a readable parquet file ({error}).") from error
     if text_field not in parquet.schema_arrow.names:
         raise PipelineError(
-            f"{path} has no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)}). "
+            f"{name} has no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)}). "
             "Name the text column with --text-field."
         )
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         yield from batch.column(0).to_pylist()
+
+
+def _file_documents(name: str, raw: IO[bytes], config: DownloadConfig, per_block: bool) -> Iterator[str]:
+    """The documents of one file of a local format, from its bytes; `name` picks the format and names it in
+    errors."""
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _jsonl_documents(name, raw, config.text_field)
+    if name.endswith(".parquet"):
+        return _parquet_documents(name, raw, config.text_field)
+    return _txt_documents(name, raw, per_block)
+
+
+def _archive_members(path: Path) -> Iterator[tuple[str, Callable[[], IO[bytes]]]]:
+    """(name, opener) of the regular files of a tar or zip archive that hold documents, in archive order.
+
+    Nothing is extracted: each member is read from the archive into memory, so a member named `../x` or
+    `/etc/x` writes nowhere, and links and device entries are skipped rather than followed."""
+    import tarfile
+    import zipfile
+
+    try:
+        if path.name.endswith(".zip"):
+            with zipfile.ZipFile(path) as archive:
+                for info in archive.infolist():
+                    if not info.is_dir() and info.filename.endswith(DOCUMENT_SUFFIXES):
+                        yield info.filename, lambda info=info: archive.open(info)
+        else:
+            with tarfile.open(path) as archive:
+                for member in archive:
+                    if member.isreg() and member.name.endswith(DOCUMENT_SUFFIXES):
+                        yield member.name, lambda member=member: archive.extractfile(member)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
+        raise PipelineError(f"{path} is not a readable archive ({error}). Download it again.") from error
 
 
 def local_files(root: Path) -> list[Path]:
@@ -199,18 +235,18 @@ def local_files(root: Path) -> list[Path]:
 
 
 def local_documents(root: Path, config: DownloadConfig) -> Iterator[tuple[str, str]]:
-    files = local_files(root)
-    per_block = config.doc_split == "blankline" or (config.doc_split == "auto" and root.is_file())
-    for path in files:
+    for path in local_files(root):
         label = str(path.relative_to(root)) if root.is_dir() else path.name
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            documents = _jsonl_documents(path, config.text_field)
-        elif path.suffix == ".parquet":
-            documents = _parquet_documents(path, config.text_field)
-        else:
-            documents = _txt_documents(path, per_block)
-        for text in documents:
-            yield label, text
+        if path.name.endswith(ARCHIVE_SUFFIXES):  # one document per member file unless told otherwise
+            for member, open_member in _archive_members(path):
+                with open_member() as raw:
+                    for text in _file_documents(f"{path}:{member}", raw, config, config.doc_split == "blankline"):
+                        yield f"{label}:{member}", text
+            continue
+        per_block = config.doc_split == "blankline" or (config.doc_split == "auto" and root.is_file())
+        with open(path, "rb") as raw:
+            for text in _file_documents(str(path), raw, config, per_block):
+                yield label, text
 
 
 def _local_state(root: Path) -> list[list[Any]]:

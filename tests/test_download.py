@@ -76,6 +76,48 @@ def test_jsonl_and_parquet_sources(tmp_path: Path) -> None:
     assert download(tmp_path / "data2", tmp_path / "docs.parquet", text_field="body") == texts
 
 
+def test_archives_are_read_in_memory_and_never_extracted(tmp_path: Path) -> None:
+    """tar and zip archives give one document per member file; members named to escape (`../`, absolute
+    paths) write nothing anywhere, and links are skipped, not followed."""
+    import io
+    import tarfile
+    import zipfile
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET outside the archive")
+    texts = english_documents(4, 80, seed=11)
+
+    def add(archive: tarfile.TarFile, name: str, text: str) -> None:
+        data = text.encode()
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(tmp_path / "books.tar.gz", "w:gz") as archive:
+        add(archive, "books/a.txt", texts[0])
+        add(archive, "../../escaped.txt", texts[1])
+        add(archive, "/tmp/absolute.txt", texts[2])
+        link = tarfile.TarInfo("books/link.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, str(secret)
+        archive.addfile(link)
+        add(archive, "books/notes.md", "not a document format")
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as archive:
+        archive.writestr("sub/c.txt", texts[3])
+        archive.writestr("../d.jsonl", json.dumps({"text": texts[0]}) + "\n")
+    before = sorted(p for p in tmp_path.parent.rglob("*") if "data" not in p.relative_to(tmp_path.parent).parts)
+
+    assert download(tmp_path / "data", tmp_path / "books.tar.gz") == texts[:3]
+    assert download(tmp_path / "data", tmp_path / "more.zip") == [texts[3], texts[0]]
+    after = sorted(p for p in tmp_path.parent.rglob("*") if "data" not in p.relative_to(tmp_path.parent).parts)
+    assert after == before  # nothing was extracted, inside or outside the data directory
+    raw = (tmp_path / "data" / "raw" / "books").glob("docs_*.jsonl")
+    sources = [json.loads(line)["source"] for part in raw for line in part.read_text().splitlines()]
+    assert sources == ["books.tar.gz:books/a.txt", "books.tar.gz:../../escaped.txt", "books.tar.gz:/tmp/absolute.txt"]
+    (tmp_path / "broken.tar.gz").write_bytes((tmp_path / "books.tar.gz").read_bytes()[:100])
+    with pytest.raises(PipelineError, match=r"broken\.tar\.gz is not a readable archive.*Download it again"):
+        download(tmp_path / "data", tmp_path / "broken.tar.gz")
+
+
 def test_limits_stop_the_stream(tmp_path: Path) -> None:
     texts = english_documents(50, 20)
     write_jsonl(tmp_path / "docs.jsonl", texts)

@@ -25,11 +25,32 @@ def make(data_dir: Path, *args: str, dry_run: bool = False) -> subprocess.Comple
     return result
 
 
+def files_outside(data_dir: Path) -> dict[str, int]:
+    """Every file of the project tree and beside the data directory, with its modification time — what a stage
+    must not touch (the project's environment, caches and the data directory itself left out)."""
+    skip = {".git", ".venv", "data", "__pycache__", ".pytest_cache", ".ruff_cache", "onecard.egg-info"}
+    files = [p for p in REPO.rglob("*") if not skip & set(p.relative_to(REPO).parts)]
+    files += [p for p in data_dir.parent.rglob("*") if data_dir not in (p, *p.parents)]
+    return {str(p): p.stat().st_mtime_ns for p in files if p.is_file()}
+
+
 @pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def made_and_outside(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int], dict[str, int]]:
     data_dir = tmp_path_factory.mktemp("make-run") / "data"
+    before = files_outside(data_dir)
     make(data_dir, "run", *SETTINGS)
-    return data_dir
+    return data_dir, before, files_outside(data_dir)
+
+
+@pytest.fixture(scope="module")
+def made(made_and_outside: tuple[Path, dict[str, int], dict[str, int]]) -> Path:
+    return made_and_outside[0]
+
+
+def test_no_stage_writes_outside_the_data_directory(made_and_outside: tuple[Path, dict[str, int], dict[str, int]]
+                                                     ) -> None:
+    _, before, after = made_and_outside
+    assert after == before
 
 
 def test_make_run_builds_every_stage_and_learns(made: Path) -> None:
@@ -65,3 +86,8 @@ def test_make_train_runs_whatever_upstream_stage_is_missing(made: Path, tmp_path
         os.rename(tmp_path / "shards-moved", made / "shards")
     assert "pipeline.shard" in partial and "launch/train.py" in partial
     assert "pipeline.download" not in partial and "pipeline.tokenize" not in partial
+
+
+def test_tensorboard_is_served_on_localhost_only(tmp_path: Path) -> None:
+    command = make(tmp_path / "data", "tensorboard", dry_run=True).stdout
+    assert "tensorboard --logdir" in command and "--host 127.0.0.1" in command
