@@ -5,6 +5,7 @@
 #   make test                install, then lint and run the test suite
 #   make train PRESET=gpt2-xl CONFIG=ds_configs/zero3_nvme.json STEPS=1000
 #   make tensorboard         serve data/runs on http://127.0.0.1:6006
+#   make plan PRESET=gpt2-xl PLAN_ARGS='--gpu "RTX 4070 Ti" --host-ram-gib 64'   will it fit, how long
 
 DATA      ?= data
 SOURCE    ?= builtin
@@ -16,6 +17,7 @@ STEPS     ?= 300
 RUN       ?= $(CORPUS)-$(PRESET)-$(basename $(notdir $(CONFIG)))
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
+PLAN_ARGS ?=
 PORT      ?= 6006
 
 # Use the active virtualenv if there is one, otherwise create ./.venv.
@@ -37,7 +39,7 @@ TOKENS := $(DATA)/tokens/$(CORPUS)/manifest.json
 SHARDS := $(DATA)/shards/$(CORPUS)/manifest.json
 CKPT   := $(DATA)/checkpoints/$(RUN)/manifest.json
 
-.PHONY: install run download tokenize shard verify train evaluate test lint tensorboard clean-run
+.PHONY: install run download tokenize shard verify train evaluate test lint tensorboard clean-run plan
 
 install: $(INSTALLED)
 
@@ -96,6 +98,9 @@ test: $(TEST_INSTALLED)
 
 lint: $(TEST_INSTALLED)
 	$(PY) -m ruff check .
+
+plan: $(INSTALLED)
+	$(PY) -m pipeline.plan --preset $(PRESET) $(PLAN_ARGS)
 
 tensorboard: $(INSTALLED)
 	$(VENV)/bin/tensorboard --logdir $(DATA)/runs --host 127.0.0.1 --port $(PORT)

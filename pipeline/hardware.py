@@ -19,22 +19,23 @@ class GPU:
     name: str
     memory_gib: float
     peak_bf16_tflops: float  # dense tensor-core bf16 with fp32 accumulation, no sparsity (vendor datasheets)
+    watts: float  # board power (TDP), for energy estimates
 
 
 # Longer names first: "RTX 4070 Ti" must not be taken for "RTX 4070".
 GPUS = (
-    GPU("H100 80GB HBM3", 80, 989.4),  # H100 SXM
-    GPU("H100 PCIe", 80, 756.5),
-    GPU("H200", 141, 989.4),
-    GPU("A100-SXM4-80GB", 80, 312.0),
-    GPU("A100-SXM4-40GB", 40, 312.0),
-    GPU("A100 80GB PCIe", 80, 312.0),
-    GPU("A100-PCIE-40GB", 40, 312.0),
-    GPU("RTX 4090", 24, 165.2),
-    GPU("RTX 4070 Ti SUPER", 16, 88.2),
-    GPU("RTX 4070 Ti", 12, 80.2),
-    GPU("RTX 3090", 24, 71.0),
-    GPU("RTX 3060", 12, 25.6),
+    GPU("H100 80GB HBM3", 80, 989.4, 700),  # H100 SXM
+    GPU("H100 PCIe", 80, 756.5, 350),
+    GPU("H200", 141, 989.4, 700),
+    GPU("A100-SXM4-80GB", 80, 312.0, 400),
+    GPU("A100-SXM4-40GB", 40, 312.0, 400),
+    GPU("A100 80GB PCIe", 80, 312.0, 300),
+    GPU("A100-PCIE-40GB", 40, 312.0, 250),
+    GPU("RTX 4090", 24, 165.2, 450),
+    GPU("RTX 4070 Ti SUPER", 16, 88.2, 285),
+    GPU("RTX 4070 Ti", 12, 80.2, 285),
+    GPU("RTX 3090", 24, 71.0, 350),
+    GPU("RTX 3060", 12, 25.6, 170),
 )
 
 

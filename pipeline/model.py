@@ -21,10 +21,11 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 
 
 def preset_context(preset: str) -> int:
-    return _preset(preset)[3]
+    return preset_shape(preset)[3]
 
 
-def _preset(preset: str) -> tuple[int, int, int, int]:
+def preset_shape(preset: str) -> tuple[int, int, int, int]:
+    """(layers, width, heads, context) of a preset."""
     if preset not in PRESETS:
         raise PipelineError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     return PRESETS[preset]
@@ -33,7 +34,7 @@ def _preset(preset: str) -> tuple[int, int, int, int]:
 def model_config(preset: str, vocab_size: int, eot_id: int, dropout: float = 0.0) -> Any:
     from transformers import GPT2Config
 
-    n_layer, n_embd, n_head, n_positions = _preset(preset)
+    n_layer, n_embd, n_head, n_positions = preset_shape(preset)
     return GPT2Config(
         vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
@@ -92,7 +93,19 @@ def flops_per_token(model: Any, seq_len: int) -> float:
     attention. Activation recomputation is not counted: this is model FLOPs, the basis of MFU."""
     config = model.config
     params = sum(p.numel() for p in model.parameters()) - config.n_positions * config.n_embd
-    return 6 * params + 12 * config.n_layer * config.n_embd * seq_len
+    return training_flops_per_token(params, config.n_layer, config.n_embd, seq_len)
+
+
+def training_flops_per_token(params: float, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """6 FLOPs per parameter (2 forward, 4 backward) plus attention's 12 x layers x width x T."""
+    return 6 * params + 12 * n_layer * n_embd * seq_len
+
+
+def preset_parameters(preset: str, vocab_size: int = 50257) -> int:
+    """A preset's parameter count, without building it: token and position embeddings, 12h^2 + 13h per block
+    (attention, MLP, two LayerNorms, biases included), the final LayerNorm; the output layer is tied."""
+    n_layer, n_embd, _, n_positions = preset_shape(preset)
+    return (vocab_size + n_positions) * n_embd + n_layer * (12 * n_embd**2 + 13 * n_embd) + 2 * n_embd
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -35,3 +35,16 @@ def test_a_user_error_is_one_clear_line_and_exit_code_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     result = python(tmp_path, "launch/train.py", "--deepspeed", "nowhere.json")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_onecard_command_runs_the_planner_and_the_stages(tmp_path: Path) -> None:
+    onecard = Path(sys.executable).with_name("onecard")  # the console script of this install
+    result = subprocess.run([str(onecard), "plan", "--preset", "gpt2", "--gpu", "RTX 3090", "--tokens", "3.3B"],
+                            cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RTX 3090: 24 GiB" in result.stderr and "recommended: ds_configs/" in result.stderr
+    result = subprocess.run([str(onecard), "shard", "--help"], cwd=REPO, env=subprocess_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "--val-fraction" in result.stdout
+    result = subprocess.run([str(onecard), "frobnicate"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "usage: onecard {plan,download" in result.stderr

@@ -1,0 +1,102 @@
+"""`onecard plan` against arithmetic anyone can check, DeepSpeed's own estimator, and the GPU-host measurement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import PipelineError, stage_main
+from pipeline.dsconfig import load_ds_config
+from pipeline.model import build_model, flops_per_token, parameter_count, preset_parameters
+from pipeline.plan import (
+    MEASURED,
+    SECONDS_PER_YEAR,
+    PlanConfig,
+    dense_training_flops,
+    flops_in,
+    plan,
+    run,
+    token_count,
+)
+
+
+def test_the_known_compute_budgets() -> None:
+    assert dense_training_flops(1.5e9, 10e9) == pytest.approx(9e19, rel=0.01)  # GPT-2's own budget
+    assert dense_training_flops(1.4e9, 300e9) == pytest.approx(2.5e21, rel=0.02)
+    assert dense_training_flops(124e6, 3.3e9) == pytest.approx(2.4e18, rel=0.03)  # GPT-2 small, nanoGPT's run
+    assert flops_in(SECONDS_PER_YEAR, 40, 0.9) == pytest.approx(1.14e21, rel=0.01)  # a year of a 40 TFLOP/s card
+    assert token_count("10B") == token_count("10e9") == 1e10 and token_count("300b") == 3e11
+    with pytest.raises(PipelineError, match="--tokens 'lots' is not a token count"):
+        token_count("lots")
+
+
+def test_model_arithmetic_is_the_trainers() -> None:
+    for preset in ("tiny", "gpt2", "gpt2-xl"):
+        with torch.device("meta"):
+            model = build_model(preset, 50257, 50256)
+        assert preset_parameters(preset) == parameter_count(model)
+        result = plan(PlanConfig(preset=preset, seq_len=1024 if preset != "tiny" else 256))
+        assert result["compute"]["flops_per_token"] == flops_per_token(model, result["inputs"]["seq_len"])
+        assert result["compute"]["compute_optimal_tokens"] == 20 * parameter_count(model)
+
+
+def test_deepspeeds_estimator_for_gpt2_xl() -> None:
+    result = plan(PlanConfig(preset="gpt2-xl"))
+    states = {c["config"]: c["gpu_gib"]["model_states"] for c in result["configs"]}
+    assert states["ds_configs/zero2_offload.json"] == pytest.approx(2.9, abs=0.05)  # 2 bytes per parameter
+    assert states["ds_configs/zero3_offload.json"] < 0.5  # the largest layer only
+    host = {c["config"]: c["host_gib"] for c in result["configs"]}
+    assert host["ds_configs/zero2_offload.json"] == pytest.approx(34.8, abs=0.1)
+
+
+def test_the_estimate_matches_the_gpu_host_measurement() -> None:
+    """At the measured setting (GPT-2 XL, micro-batch 8, checkpointing, 11 GiB cap), the estimate of the real
+    GPU memory is within 15% of what NVML reported, and not below it."""
+    result = plan(PlanConfig(preset="gpt2-xl", gpu="H100 80GB HBM3", gpu_memory_gib=11, micro_batch_size=8))
+    compared = []
+    for entry in result["configs"]:
+        record = MEASURED / f"onecard-{Path(entry['config']).stem}.json"
+        measured = json.loads(record.read_text())["peak_gpu_mem_nvml_gib"] if record.is_file() else None
+        if measured is not None:  # ZeRO-3 NVMe has not been measured on a GPU
+            assert measured <= entry["gpu_gib"]["total"] <= 1.15 * measured, entry["config"]
+            compared.append(entry["config"])
+    assert compared == ["ds_configs/zero2_offload.json", "ds_configs/zero3_offload.json"]
+
+
+def test_small_host_gets_nvme_and_the_config_is_written(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    written, report = tmp_path / "mine.json", tmp_path / "plan.json"
+    stage_main(PlanConfig, run, ["--gpu", "RTX 3060", "--host-ram-gib", "32", "--nvme-free-gib", "100",
+                                 "--write-config", str(written), "--json", str(report)])
+    result = json.loads(report.read_text())
+    fits = {c["config"]: c["fits"] for c in result["configs"]}
+    assert fits == {"ds_configs/zero2_offload.json": False, "ds_configs/zero3_offload.json": False,
+                    "ds_configs/zero3_nvme.json": True}  # 35-39 GiB of CPU states do not fit 32 GiB of RAM
+    assert result["recommended"] == "ds_configs/zero3_nvme.json"
+    chosen = next(c for c in result["configs"] if c["fits"])
+    ds = load_ds_config(written)  # a config train accepts as it is
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "nvme"
+    tokens = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 1024
+    assert (ds["train_micro_batch_size_per_gpu"], tokens) == (chosen["micro_batch_size"], 1 << 19)
+    assert chosen["gpu_gib"]["total"] <= 12
+    assert "recommended: ds_configs/zero3_nvme.json" in capfd.readouterr().err
+
+
+def test_time_and_energy_follow_from_the_mfu() -> None:
+    result = plan(PlanConfig(preset="gpt2", tokens="10B", gpu="RTX 4090", mfu=0.25))
+    entry = result["configs"][0]
+    seconds = result["compute"]["training_flops"] / (0.25 * 165.2e12)
+    assert entry["days"] == pytest.approx(seconds / 86400)
+    assert entry["energy_kwh"] == pytest.approx(seconds * 450 / 3.6e6)
+    assert entry["mfu_source"] == "--mfu"
+
+
+def test_an_unknown_card_needs_its_numbers() -> None:
+    with pytest.raises(PipelineError, match=r"--gpu 'Voodoo 5' is not in the table.*--gpu-memory-gib"):
+        plan(PlanConfig(gpu="Voodoo 5"))
+    result = plan(PlanConfig(gpu="Voodoo 5", gpu_memory_gib=16, gpu_peak_tflops=100))
+    assert result["gpu"] == {"name": "Voodoo 5", "memory_gib": 16, "peak_bf16_tflops": 100, "watts": None}
+    assert all(c.get("energy_kwh") is None for c in result["configs"])
+    assert max(c["gpu_gib"]["total"] for c in result["configs"] if c["fits"]) <= 16
