@@ -48,3 +48,12 @@ def test_onecard_command_runs_the_planner_and_the_stages(tmp_path: Path) -> None
     assert result.returncode == 0 and "--val-fraction" in result.stdout
     result = subprocess.run([str(onecard), "frobnicate"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "usage: onecard {plan,download" in result.stderr
+
+
+def test_the_batch_scheduler_script_runs_a_stage(tmp_path: Path) -> None:
+    env = {**subprocess_env(tmp_path), "VIRTUAL_ENV": sys.prefix}
+    result = subprocess.run(["launch/stage.sh", "shard", "--corpus", "books"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "tokens/books/manifest.json is missing" in result.stderr
+    result = subprocess.run(["launch/stage.sh", "train"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "launch/train_nodes.sh" in result.stderr

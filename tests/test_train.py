@@ -254,3 +254,22 @@ def test_resume_on_other_ranks_with_nvme_offload_is_refused(data_copy: Path) -> 
     with pytest.raises(PipelineError, match=r"written by 2 rank\(s\) and this run has 1.*does not cover NVMe"):
         train(data_copy, "zero3_nvme", "nvme")
     assert latest_tag(run_dir) == "step_00000001" and not (run_dir / "universal").exists()
+
+
+def test_a_hostfile_launch_on_each_node_without_ssh(data_copy: Path, tmp_path: Path) -> None:
+    """launch/train_nodes.sh, as node 0 of a one-machine hostfile with two slots: two ranks, no ssh."""
+    import socket
+
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**subprocess_env(data_copy), "VIRTUAL_ENV": sys.prefix, "MASTER_PORT": str(port)}
+    result = subprocess.run(["launch/train_nodes.sh", str(tmp_path / "hosts"), "0", "127.0.0.1", "--deepspeed",
+                             "ds_configs/zero2_offload.json", "--run", "nodes", "--max-steps", "2", "--seq-len",
+                             str(SEQ_LEN), "--micro-batch-size", "2", "--eval-every", "0"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = data_copy / "checkpoints" / "nodes"
+    assert json.loads((run_dir / "run.json").read_text())["identity"]["world_size"] == 2
+    assert latest_tag(run_dir) == "step_00000002"
