@@ -6,6 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+# TensorBoard's "Custom Scalars" tab: memory and throughput side by side, each chart several curves.
+OVERVIEW = {"memory and throughput": {
+    "loss (train, validation)": ["Multiline", ["train/loss", "eval/val_loss"]],
+    "tokens/s": ["Multiline", ["train/tokens_per_second"]],
+    "MFU": ["Multiline", ["train/mfu"]],
+    "step time split (s)": ["Multiline", [r"train/(step|forward|backward|optimizer|data_wait)_seconds"]],
+    "GPU memory (GiB): reserved, NVML": ["Multiline", [r"train/(peak_)?gpu_\w+_gib"]],
+    "host RSS (GiB)": ["Multiline", [r"train/(peak_)?host_rss_gib"]],
+}}
+
 
 class Metrics:
     """Scalars per step into `runs/<run>/`. On resume, everything logged after the resumed step is dropped
@@ -22,6 +32,7 @@ class Metrics:
         kept = [line for line in self._lines() if (record := _parse(line)) and record["step"] <= start_step]
         self.path.write_text("".join(kept))
         self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+        self.writer.add_custom_scalars(OVERVIEW)
         self.file = open(self.path, "a")
 
     def _lines(self) -> list[str]:

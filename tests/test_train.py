@@ -4,6 +4,7 @@ two ranks split the batch, and the launcher command works as written."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,16 @@ def test_tensorboard_gets_the_training_scalars(data_copy: Path) -> None:
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_second"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    # the memory/throughput overview of the Custom Scalars tab, whose charts match logged scalars
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert {"tokens/s", "MFU", "step time split (s)", "GPU memory (GiB): reserved, NVML",
+            "host RSS (GiB)"} <= set(charts)
+    assert any(re.fullmatch(charts["step time split (s)"][0], tag) for tag in tags)
+    assert any(re.fullmatch(charts["host RSS (GiB)"][0], tag) for tag in tags)
+    assert "config" in {tag.split("/")[0] for tag in events.Tags()["tensors"]}  # the merged config, as text
     run_dir = data_copy / "checkpoints" / "tb"
     assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 2
     assert json.loads((run_dir / "run.json").read_text())["config"]["max_steps"] == 3
