@@ -64,6 +64,28 @@ def test_gpt2_format_folder_gives_the_ids_of_transformers_gpt2_tokenizer(raw: Pa
     assert read_manifest(raw / "tokens" / "docs", "tokenize")["encoder"] == "tiktoken"
 
 
+def test_a_tokenizer_folder_with_custom_code_never_runs_it(raw: Path) -> None:
+    """trust_remote_code stays off: a folder whose tokenizer_config.json points at its own Python class is loaded
+    as the standard tokenizer its tokenizer.json describes, and that code is never imported or copied."""
+    import shutil
+
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer=str(gpt2_format_folder(raw / "my-gpt2"))))
+    folder = raw / "remote-code"
+    shutil.copytree(raw / "tokenizer" / "my-gpt2", folder)
+    (folder / "manifest.json").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    marker = raw / "code-ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                    "from transformers import GPT2TokenizerFast as EvilTokenizer\n")
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer=str(folder), force=True))
+    assert not marker.exists()
+    assert not list((raw / "tokenizer").rglob("*.py"))
+    tokenizer = load_tokenizer(raw / "tokenizer" / "remote-code")
+    assert [tokenizer.decode(ids) for ids in token_documents(raw)] == TEXTS
+
+
 def test_hub_name_is_loaded_through_the_hub_cache(raw: Path, tmp_path: Path) -> None:
     from transformers import GPT2Config, PreTrainedTokenizerFast
 
