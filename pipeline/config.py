@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields
@@ -102,6 +103,15 @@ class DataDir:
 
     def checkpoints(self, run: str) -> Path:
         return self.root / "checkpoints" / run
+
+    def default_run(self, corpus: str, preset: str, deepspeed_config: str, fresh: bool = False) -> str:
+        """`<corpus>-<preset>-<config>-<YYYYMMDD>`, dated the day the run started: the newest existing run of
+        that corpus, preset and config (so the same command resumes it, or finds it finished), else — or when
+        `fresh` — today's."""
+        stem = f"{corpus}-{preset}-{Path(deepspeed_config).stem}"
+        dated = re.compile(rf"{re.escape(stem)}-\d{{8}}")
+        started = sorted(p.name for p in (self.root / "checkpoints").glob(f"{stem}-*") if dated.fullmatch(p.name))
+        return started[-1] if started and not fresh else f"{stem}-{time.strftime('%Y%m%d')}"
 
     def runs(self, run: str) -> Path:
         return self.root / "runs" / run

@@ -53,7 +53,8 @@ class TrainConfig(StageConfig):
     deepspeed: str = field(default="ds_configs/zero3_offload.json", metadata={"help": "DeepSpeed JSON config"})
     corpus: str = field(default="builtin", metadata={"help": "corpus to train on (a folder under shards/)"})
     preset: str = field(default="tiny", metadata={"help": "tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"})
-    run: str | None = field(default=None, metadata={"help": "run name (default: <corpus>-<preset>-<config>)"})
+    run: str | None = field(default=None, metadata={
+        "help": "run name (default: <corpus>-<preset>-<config>-<YYYYMMDD>, the newest such run if one exists)"})
     seq_len: int | None = field(default=None, metadata={"help": "sequence length (default: the preset's context)"})
     max_steps: int = field(default=300, metadata={"help": "optimizer steps to train for, in total"})
     warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps (default: 5%% of max)"})
@@ -95,7 +96,8 @@ class TrainConfig(StageConfig):
 
 
 def run_name(config: TrainConfig) -> str:
-    return config.run or f"{config.corpus}-{config.preset}-{Path(config.deepspeed).stem}"
+    return config.run or DataDir(config.data_dir).default_run(config.corpus, config.preset, config.deepspeed,
+                                                              fresh=config.force)
 
 
 def lr_ratio(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:

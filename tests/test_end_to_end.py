@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from helpers import REPO, subprocess_env
 
+from pipeline.config import DataDir
+
 STAGE_OUTPUTS = ["raw/builtin", "tokenizer/builtin-bpe4096", "tokens/builtin", "shards/builtin",
                  "checkpoints/{run}", "eval/{run}", "export/{run}"]
-RUN = "builtin-tiny-zero3_offload"
 SETTINGS = ("STEPS=12", "TRAIN_ARGS=--seq-len 64 --micro-batch-size 4 --checkpoint-every 6 --lr 3e-3")
 
 
@@ -53,14 +54,21 @@ def test_no_stage_writes_outside_the_data_directory(made_and_outside: tuple[Path
     assert after == before
 
 
+def run_of(data_dir: Path) -> str:
+    """The run `make run` made: builtin-tiny-zero3_offload-<the day it started>."""
+    return DataDir(data_dir).default_run("builtin", "tiny", "ds_configs/zero3_offload.json")
+
+
 def test_make_run_builds_every_stage_and_learns(made: Path) -> None:
+    run = run_of(made)
+    assert (made / "checkpoints" / run).is_dir()
     for folder in STAGE_OUTPUTS:
-        manifest = json.loads((made / folder.format(run=RUN) / "manifest.json").read_text())
+        manifest = json.loads((made / folder.format(run=run) / "manifest.json").read_text())
         assert manifest["files"], folder
-    report = json.loads((made / "eval" / RUN / "report.json").read_text())
+    report = json.loads((made / "eval" / run / "report.json").read_text())
     assert report["step"] == 12
     assert report["val_loss"] < report["untrained_val_loss"] - 1.0
-    assert list((made / "runs" / RUN).glob("events.out.tfevents.*"))
+    assert list((made / "runs" / run).glob("events.out.tfevents.*"))
 
 
 def test_second_make_run_changes_nothing(made: Path) -> None:
