@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from pipeline import checkpoint, zeroshot
 from pipeline.artifacts import StageOutput, sha256_file, write_json_atomic
@@ -78,10 +79,13 @@ def validation_loss(model: torch.nn.Module, sequences: TokenSequences, batch_siz
     device = next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
-    with zeroshot.autocast_for(device):
-        for inputs, targets in sequences.in_order(batch_size, max(1, max_tokens // sequences.seq_len)):
+    n_sequences = min(len(sequences), max(1, max_tokens // sequences.seq_len))
+    with zeroshot.autocast_for(device), tqdm(total=n_sequences * sequences.seq_len, desc="validation loss",
+                                             unit=" tok", unit_scale=True, leave=False) as bar:
+        for inputs, targets in sequences.in_order(batch_size, n_sequences):
             total += lm_loss(model, inputs.to(device), targets.to(device), LOSS_CHUNK_TOKENS).item() * len(inputs)
             count += len(inputs)
+            bar.update(inputs.numel())
     return total / count
 
 
