@@ -200,8 +200,8 @@ def _file_documents(name: str, raw: IO[bytes], config: DownloadConfig, per_block
     return _txt_documents(name, raw, per_block)
 
 
-def _archive_members(path: Path) -> Iterator[tuple[str, Callable[[], IO[bytes]]]]:
-    """(name, opener) of the regular files of a tar or zip archive that hold documents, in archive order.
+def _archive_members(path: Path) -> Iterator[tuple[str, IO[bytes]]]:
+    """(name, open file) of the regular files of a tar or zip archive that hold documents, in archive order.
 
     Nothing is extracted: each member is read from the archive into memory, so a member named `../x` or
     `/etc/x` writes nowhere, and links and device entries are skipped rather than followed."""
@@ -213,12 +213,14 @@ def _archive_members(path: Path) -> Iterator[tuple[str, Callable[[], IO[bytes]]]
             with zipfile.ZipFile(path) as archive:
                 for info in archive.infolist():
                     if not info.is_dir() and info.filename.endswith(DOCUMENT_SUFFIXES):
-                        yield info.filename, lambda info=info: archive.open(info)
+                        with archive.open(info) as raw:
+                            yield info.filename, raw
         else:
             with tarfile.open(path) as archive:
                 for member in archive:
                     if member.isreg() and member.name.endswith(DOCUMENT_SUFFIXES):
-                        yield member.name, lambda member=member: archive.extractfile(member)
+                        with archive.extractfile(member) as raw:
+                            yield member.name, raw
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
         raise PipelineError(f"{path} is not a readable archive ({error}). Download it again.") from error
 
@@ -238,10 +240,9 @@ def local_documents(root: Path, config: DownloadConfig) -> Iterator[tuple[str, s
     for path in local_files(root):
         label = str(path.relative_to(root)) if root.is_dir() else path.name
         if path.name.endswith(ARCHIVE_SUFFIXES):  # one document per member file unless told otherwise
-            for member, open_member in _archive_members(path):
-                with open_member() as raw:
-                    for text in _file_documents(f"{path}:{member}", raw, config, config.doc_split == "blankline"):
-                        yield f"{label}:{member}", text
+            for member, raw in _archive_members(path):
+                for text in _file_documents(f"{path}:{member}", raw, config, config.doc_split == "blankline"):
+                    yield f"{label}:{member}", text
             continue
         per_block = config.doc_split == "blankline" or (config.doc_split == "auto" and root.is_file())
         with open(path, "rb") as raw:

@@ -144,19 +144,17 @@ def gpu_memory_bytes(ds: dict[str, Any], params: float, shape: tuple[int, int, i
 
 def host_and_disk_bytes(ds: dict[str, Any], params: float, model_states_cpu: float) -> tuple[float, float]:
     """(host RAM, NVMe) bytes: DeepSpeed's CPU estimate, or with NVMe offload its pinned buffers and the swap
-    train checks for before it starts (`checkpoint.disk_needs`)."""
-    from pipeline.checkpoint import disk_needs
+    train checks for before it starts (`checkpoint.nvme_swap_needs`)."""
+    from pipeline.checkpoint import nvme_swap_needs
 
-    params_device, optimizer_device = offload_devices(ds)
-    if "nvme" not in (params_device, optimizer_device):
+    swap = nvme_swap_needs(params, ds)
+    if not swap:
         return model_states_cpu, 0.0
     zero = ds["zero_optimization"]
-    swap = sum(need for _, need, what in disk_needs(Path("/nonexistent"), int(params), ds, nvme_too=True)
-               if "NVMe" in what)
     param_buffers = 2 * zero["offload_param"].get("buffer_count", 5) * zero["offload_param"].get("buffer_size", 1e8)
     optimizer_buffers = 4 * 4 * zero.get("sub_group_size", 1e9) * zero["offload_optimizer"].get("buffer_count", 4)
     # the fp32 model built on the CPU before DeepSpeed takes it over
-    return 4 * params + param_buffers + optimizer_buffers, swap
+    return 4 * params + param_buffers + optimizer_buffers, sum(need for _, need, _ in swap)
 
 
 def plan(config: PlanConfig) -> dict[str, Any]:
