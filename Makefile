@@ -47,6 +47,7 @@ install: $(INSTALLED)
 # torch first, pinned, so that pip takes the build meant for this machine (a local CPU wheel where one is
 # provided) instead of whatever the dependency range would pull.
 $(INSTALLED): pyproject.toml
+	sh launch/system_deps.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e .
@@ -94,6 +95,7 @@ evaluate: $(CKPT)
 	$(PY) -m pipeline.evaluate --run $(RUN) $(EVAL_ARGS)
 
 test: $(TEST_INSTALLED)
+	sh launch/system_deps.sh $(PY)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))  # the workers run as scripts: make `pipeline` imp
 
 from pipeline.config import DataDir, default_data_dir  # noqa: E402
 from pipeline.data import TokenSequences, TrainBatches  # noqa: E402
+from pipeline.distributed import launch_time  # noqa: E402
 from pipeline.hardware import MemoryProbe, device_name, peak_tflops  # noqa: E402
 from pipeline.model import build_model, flops_per_token, preset_context  # noqa: E402
 from pipeline.shard import load_index  # noqa: E402
@@ -37,6 +38,8 @@ class BenchConfig:
     precision: str = field(default="bf16", metadata={"help": "bf16 or fp32"})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute every block's activations in the backward pass, in every system"})
+    torch_compile: bool = field(
+        default=False, metadata={"help": "the Hugging Face Trainer's own speed flag: torch_compile=True"})
     lr: float = field(default=3e-4, metadata={"help": "learning rate, constant in every system (no schedule)"})
     gpu_mem_cap: float | None = field(default=None, metadata={"help": "GPU allocator cap in GiB"})
     data_dir: Path = field(default_factory=default_data_dir, metadata={"help": "onecard data directory"})
@@ -66,11 +69,14 @@ class StepLog:
         self.memory = MemoryProbe()
         self.readings: dict[str, float | None] = {}
         self.started = time.perf_counter()
+        self.startup_seconds: float | None = None
 
     def start(self) -> None:
         self.started = time.perf_counter()
 
     def end(self, loss: float) -> None:
+        if not self.seconds:  # as onecard's trainer counts it: from the user's command to the end of step 1
+            self.startup_seconds = time.time() - launch_time()
         self.seconds.append(time.perf_counter() - self.started)
         self.losses.append(loss)
         self.readings = self.memory.sample()
@@ -81,6 +87,7 @@ class StepLog:
         self.readings = self.memory.sample()
         record = summarise(system, config, model_flops(config, index), self.losses, self.seconds, self.readings,
                            command)
+        record["startup_seconds"] = self.startup_seconds
         if error is not None:
             record["status"] = "oom" if is_out_of_memory(error) else "error"
             record["error"] = f"{type(error).__name__}: {str(error)[:500]}"
@@ -95,7 +102,7 @@ def model_flops(config: BenchConfig, index: dict[str, Any]) -> float:
 def summarise(system: str, config: BenchConfig, flops: float, losses: list[float], seconds: list[float],
               readings: dict[str, Any], command: list[str]) -> dict[str, Any]:
     """The result record: throughput is the median over the steps after the warm-up."""
-    tokens_per_step = config.micro_batch_size * config.grad_accum * config.context
+    tokens_per_step = tokens_in_step(config)
     timed = seconds[config.warmup_steps:] or seconds
     tokens_per_second = tokens_per_step / statistics.median(timed) if timed else None
     peak = peak_tflops()
@@ -115,11 +122,16 @@ def summarise(system: str, config: BenchConfig, flops: float, losses: list[float
     }
 
 
+def tokens_in_step(config: BenchConfig) -> int:
+    return config.micro_batch_size * config.grad_accum * config.context
+
+
 def base_record(system: str, config: BenchConfig, command: list[str]) -> dict[str, Any]:
     return {
         "system": system, "model": config.preset, "config": config.config, "device": device_name(),
         "gpu_mem_cap_gib": config.gpu_mem_cap, "seq_len": config.context, "precision": config.precision,
         "micro_batch_size": config.micro_batch_size, "grad_accum": config.grad_accum,
+        "tokens_per_step": tokens_in_step(config),
         "command": " ".join(command), "date": time.strftime("%Y-%m-%d"),
     }
 

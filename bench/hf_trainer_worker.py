@@ -18,7 +18,7 @@ from common import BenchConfig, StepLog, train_batches, write_result
 
 from pipeline.config import parse_config
 from pipeline.hardware import cap_gpu_memory
-from pipeline.model import build_model
+from pipeline.model import GPT2_GELU, build_model
 
 
 class Sequences(torch.utils.data.Dataset):
@@ -62,12 +62,14 @@ def main() -> None:
     error = None
     try:
         torch.manual_seed(1337)
-        model = build_model(config.preset, data.index["vocab_size"], data.index["eot_id"])
+        # GPT-2 as a user of the Trainer has it: transformers' GPT-2 config, with its own gelu_new
+        model = build_model(config.preset, data.index["vocab_size"], data.index["eot_id"], activation=GPT2_GELU)
         args = TrainingArguments(
             output_dir=tempfile.mkdtemp(prefix="hf-trainer-"), deepspeed=config.config,
             per_device_train_batch_size=config.micro_batch_size, gradient_accumulation_steps=config.grad_accum,
             max_steps=config.steps, learning_rate=config.lr, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
             bf16=config.precision == "bf16", gradient_checkpointing=config.gradient_checkpointing,
+            torch_compile=config.torch_compile,
             logging_steps=1, save_strategy="no", report_to=[],
             dataloader_drop_last=True, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         )

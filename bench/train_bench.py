@@ -49,17 +49,18 @@ def common_flags(config: DriverConfig, result: Path) -> list[str]:
              "--grad-accum", str(config.grad_accum), "--precision", config.precision, "--lr", str(config.lr),
              "--data-dir", str(config.data_dir), "--corpus", config.corpus, "--result", str(result)]
     flags += ["--gradient-checkpointing"] if config.gradient_checkpointing else []
+    flags += ["--torch-compile"] if config.torch_compile else []
     return flags + (["--gpu-mem-cap", str(config.gpu_mem_cap)] if config.gpu_mem_cap is not None else [])
 
 
-def command_for(system: str, name: str, config: DriverConfig, result: Path) -> list[str]:
+def command_for(system: str, name: str, config: DriverConfig, result: Path, label: str) -> list[str]:
     # On PATH first: an offline install with `pip --target` puts the launcher beside the packages, not Python.
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     if system == "onecard":
         flags = ["--deepspeed", f"ds_configs/{name}.json", "--preset", config.preset, "--seq-len", str(config.context),
                  "--max-steps", str(config.steps), "--micro-batch-size", str(config.micro_batch_size),
                  "--grad-accum", str(config.grad_accum), "--precision", config.precision, "--lr", str(config.lr),
-                 "--data-dir", str(config.data_dir), "--corpus", config.corpus, "--run", f"bench-{name}",
+                 "--data-dir", str(config.data_dir), "--corpus", config.corpus, "--run", f"bench-{label}",
                  "--force", "--checkpoint-every", "0", "--eval-every", "0", "--log-every", "1", "--warmup-steps", "1",
                  "--min-lr-ratio", "1",
                  *(["--gpu-mem-cap", str(config.gpu_mem_cap)] if config.gpu_mem_cap is not None else []),
@@ -78,24 +79,29 @@ def command_for(system: str, name: str, config: DriverConfig, result: Path) -> l
     raise SystemExit(f"unknown system {system!r}: use onecard, hf-trainer, fsdp2 or torch")
 
 
-def onecard_record(config: DriverConfig, name: str, command: list[str], output: str) -> dict[str, Any]:
+def onecard_record(config: DriverConfig, label: str, command: list[str], output: str) -> dict[str, Any]:
     """onecard reports through its own metrics.jsonl; turn that into the common record."""
-    metrics = read_metrics(DataDir(config.data_dir).runs(f"bench-{name}"))
+    metrics = read_metrics(DataDir(config.data_dir).runs(f"bench-{label}"))
     index = load_index(DataDir(config.data_dir).shards(config.corpus), checksums=False)
     readings = {key: max((m[key] for m in metrics if m.get(key) is not None), default=None)
                 for key in ("peak_gpu_nvml_gib", "peak_gpu_reserved_gib", "peak_host_rss_gib")}
     record = summarise("onecard", config, model_flops(config, index), [m["loss"] for m in metrics],
                        [m["step_seconds"] for m in metrics], readings, command)
+    first = metrics[0] if metrics else {}
+    record.update(startup_seconds=first.get("startup_seconds"), op_build_seconds=first.get("op_build_seconds"),
+                  onecard_args=config.onecard_args)
     if len(metrics) < config.steps:
         record["status"] = "oom" if is_out_of_memory(output) else "error"
         record["error"] = output[-1000:]
     return record
 
 
-def run_system(config: DriverConfig, spec: str) -> dict[str, Any]:
+def run_system(config: DriverConfig, spec: str, label: str | None = None) -> dict[str, Any]:
+    """Run one system:config and write its record to `<out>/<label>.json` (label: `<system>-<config>`)."""
     system, _, name = spec.partition(":")
-    result = config.out / f"{system}-{name}.json"
-    command = command_for(system, name, config, result)
+    label = label or f"{system}-{name}"
+    result = config.out / f"{label}.json"
+    command = command_for(system, name, config, result, label)
     config = replace(config, config={"onecard": f"ds_configs/{name}.json",
                                      "hf-trainer": f"bench/hf_configs/{name}.json"}.get(system, name))
     print(f"== {spec}: {' '.join(command)}", file=sys.stderr, flush=True)
@@ -110,12 +116,13 @@ def run_system(config: DriverConfig, spec: str) -> dict[str, Any]:
         # at the end: the record keeps the output's tail
         output = f"{process.communicate()[0]}\ntimed out after {config.timeout}s (--timeout)"
     if system == "onecard":
-        record = onecard_record(config, name, command, output)
+        record = onecard_record(config, label, command, output)
     elif result.is_file():
         record = json.loads(result.read_text())
     else:  # the worker died before it could write (e.g. killed by the host's OOM killer)
         record = {**base_record(system, config, command), "status": "error", "error": output[-1000:]}
     record["command"] = shlex.join([Path(command[0]).name, *command[1:]])
+    record["label"] = label
     write_result(result, record)
     return record
 

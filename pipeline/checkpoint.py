@@ -21,7 +21,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -86,11 +86,20 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in Path(ckpt_dir).glob(f"{TAG_PREFIX}*") if p.is_dir())
 
 
-def disk_needs(ckpt_dir: Path, n_params: int, ds: dict[str, Any], nvme_too: bool) -> list[tuple[Path, float, str]]:
-    """(folder, bytes, what) the run is about to write: the next checkpoint (as big as the latest one, or
-    20 bytes per parameter for the first: fp32 weights, fp32 master copy and two Adam moments, plus the
-    model's own states; 12 more when the optimizer lives on NVMe, whose swap files the checkpoint copies)
-    and, with `nvme_too`, DeepSpeed's NVMe swap (`nvme_swap_needs`)."""
+class DiskNeed(NamedTuple):
+    folder: Path
+    bytes: float
+    what: str
+
+
+NEXT = "the next checkpoint"
+
+
+def disk_needs(ckpt_dir: Path, n_params: int, ds: dict[str, Any], nvme_too: bool) -> list[DiskNeed]:
+    """What the run is about to write: the next checkpoint (as big as the latest one, or 20 bytes per parameter
+    for the first: fp32 weights, fp32 master copy and two Adam moments, plus the model's own states; 12 more
+    when the optimizer lives on NVMe, whose swap files the checkpoint copies) and, with `nvme_too`, DeepSpeed's
+    NVMe swap (`nvme_swap_needs`)."""
     from pipeline.dsconfig import offload_devices
 
     optimizer_device = offload_devices(ds)[1]
@@ -99,22 +108,24 @@ def disk_needs(ckpt_dir: Path, n_params: int, ds: dict[str, Any], nvme_too: bool
         checkpoint_bytes = sum(p.stat().st_size for p in (Path(ckpt_dir) / tag).rglob("*") if p.is_file())
     else:
         checkpoint_bytes = n_params * (20 + (12 if optimizer_device == "nvme" else 0))
-    needs = [(Path(ckpt_dir), checkpoint_bytes * 1.05, "the next checkpoint")]
+    needs = [DiskNeed(Path(ckpt_dir), checkpoint_bytes * 1.05, NEXT)]
     return needs + nvme_swap_needs(n_params, ds) if nvme_too else needs
 
 
-def nvme_swap_needs(n_params: float, ds: dict[str, Any]) -> list[tuple[Path, float, str]]:
-    """(folder, bytes, what) of DeepSpeed's NVMe swap: 12 bytes per parameter for the optimizer, 2 or 4 for the
-    parameters, 20% over for its alignment and buffers; empty without NVMe offload."""
+def nvme_swap_needs(n_params: float, ds: dict[str, Any]) -> list[DiskNeed]:
+    """DeepSpeed's NVMe swap: 12 bytes per parameter for the optimizer, 2 or 4 for the parameters, 20% over for
+    its alignment and buffers; empty without NVMe offload."""
     from pipeline.dsconfig import offload_devices, precision
 
     params_device, optimizer_device = offload_devices(ds)
     zero, needs = ds["zero_optimization"], []
     if optimizer_device == "nvme":
-        needs.append((Path(zero["offload_optimizer"]["nvme_path"]), 1.2 * 12 * n_params, "the NVMe optimizer swap"))
+        needs.append(DiskNeed(Path(zero["offload_optimizer"]["nvme_path"]), 1.2 * 12 * n_params,
+                              "the NVMe optimizer swap"))
     if params_device == "nvme":
         width = 4 if precision(ds) == "fp32" else 2
-        needs.append((Path(zero["offload_param"]["nvme_path"]), 1.2 * width * n_params, "the NVMe parameter swap"))
+        needs.append(DiskNeed(Path(zero["offload_param"]["nvme_path"]), 1.2 * width * n_params,
+                              "the NVMe parameter swap"))
     return needs
 
 

@@ -201,3 +201,25 @@ def _check_cuda_arch_list() -> None:
             "cannot parse when it builds the async_io op that NVMe offload needs. Set it to plain compute "
             "capabilities (e.g. TORCH_CUDA_ARCH_LIST=8.9 for an RTX 40-series card, 9.0 for an H100) or unset it."
         )
+
+
+def load_ops(ds: dict[str, Any]) -> dict[str, tuple[float, bool]]:
+    """Load (JIT-building the first time) the DeepSpeed ops this config needs before the engine does, so that
+    their time is known: {op: (seconds, whether it was built now)}. A build is paid once per machine; a load
+    at every start."""
+    import time
+
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    params_device, optimizer_device = offload_devices(ds)
+    needed = (["CPUAdamBuilder"] if optimizer_device != "none" else []) + \
+        (["AsyncIOBuilder"] if "nvme" in (params_device, optimizer_device) else [])
+    loaded = {}
+    for name in needed:
+        builder = get_accelerator().create_op_builder(name)
+        built = not (Path(_get_build_directory(builder.name, verbose=False)) / f"{builder.name}.so").exists()
+        started = time.perf_counter()
+        builder.load(verbose=False)
+        loaded[builder.name] = (time.perf_counter() - started, built)
+    return loaded

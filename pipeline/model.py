@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from pipeline.config import PipelineError
 
@@ -31,22 +32,54 @@ def preset_shape(preset: str) -> tuple[int, int, int, int]:
     return PRESETS[preset]
 
 
-def model_config(preset: str, vocab_size: int, eot_id: int, dropout: float = 0.0) -> Any:
+# GPT-2's own tanh-approximated GELU is `gelu_new`, a chain of Python-level elementwise ops; PyTorch's
+# gelu(approximate="tanh") is the same function in one fused kernel.
+FUSED_GELU, GPT2_GELU = "gelu_pytorch_tanh", "gelu_new"
+
+
+def model_config(preset: str, vocab_size: int, eot_id: int, dropout: float = 0.0, activation: str = FUSED_GELU) -> Any:
     from transformers import GPT2Config
 
     n_layer, n_embd, n_head, n_positions = preset_shape(preset)
     return GPT2Config(
         vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, activation_function=activation,
         bos_token_id=eot_id, eos_token_id=eot_id, use_cache=False,
     )
 
 
-def build_model(preset: str, vocab_size: int, eot_id: int, dropout: float = 0.0) -> torch.nn.Module:
-    """A freshly initialised GPT-2 (call torch.manual_seed first for a reproducible init)."""
+def build_model(preset: str, vocab_size: int, eot_id: int, dropout: float = 0.0, activation: str = FUSED_GELU,
+                device: torch.device | str | None = None) -> torch.nn.Module:
+    """A freshly initialised GPT-2 (call torch.manual_seed first for a reproducible init), built on `device`:
+    built on the GPU, GPT-2 XL's 1.56B weights are initialised in a fraction of a second rather than by a
+    minute of CPU random-number generation."""
     from transformers import GPT2LMHeadModel
 
-    return GPT2LMHeadModel(model_config(preset, vocab_size, eot_id, dropout))
+    with torch.device(device or "cpu"):
+        return GPT2LMHeadModel(model_config(preset, vocab_size, eot_id, dropout, activation))
+
+
+# What selective activation checkpointing keeps from the forward pass: the outputs of the matmuls and of
+# attention, which cost the FLOPs; LayerNorm, GELU, dropout and the residual adds are recomputed.
+KEPT_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default,
+            torch.ops.aten._scaled_dot_product_efficient_attention.default,
+            torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _keep_matmuls(context: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def enable_activation_checkpointing(model: Any, every_n_layers: int, selective: bool = False,
+                                    offload: bool = False) -> None:
+    """Recompute the activations of every k-th transformer block in the backward pass; `selective` keeps the
+    matmul and attention outputs of those blocks and recomputes only the cheap elementwise ops."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if selective:
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_matmuls)
+    model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
 
 def lm_loss(model: Any, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:

@@ -136,10 +136,13 @@ def gpu_memory_bytes(ds: dict[str, Any], params: float, shape: tuple[int, int, i
     else:
         activations = n_layer * ACTIVATION_BYTES_PER_LAYER * token_slab
     logits = 3 * 4 * min(LOSS_CHUNK_TOKENS, micro * seq_len) * vocab_size  # fp32 logits, their gradient, softmax
+    # ZeRO-1 with an offloaded optimizer keeps every bf16 gradient on the GPU between micro-steps, in
+    # allocations made once: they do not fragment
+    gradients = 2 * params if stage == 1 and optimizer_device != "none" else 0.0
     allocated = gpu + working + buffers + activations + logits
-    return {"model_states": gpu, "model_states_cpu": cpu, "working_parameters": working, "buffers": buffers,
-            "activations": activations, "logits": logits, "allocated": allocated,
-            "total": allocated * FRAGMENTATION[max(stage, 2)] + CONTEXT_GIB * GIB}
+    return {"model_states": gpu, "gradients": gradients, "model_states_cpu": cpu, "working_parameters": working,
+            "buffers": buffers, "activations": activations, "logits": logits, "allocated": allocated + gradients,
+            "total": allocated * FRAGMENTATION[max(stage, 2)] + gradients + CONTEXT_GIB * GIB}
 
 
 def host_and_disk_bytes(ds: dict[str, Any], params: float, model_states_cpu: float) -> tuple[float, float]:
@@ -154,7 +157,7 @@ def host_and_disk_bytes(ds: dict[str, Any], params: float, model_states_cpu: flo
     param_buffers = 2 * zero["offload_param"].get("buffer_count", 5) * zero["offload_param"].get("buffer_size", 1e8)
     optimizer_buffers = 4 * 4 * zero.get("sub_group_size", 1e9) * zero["offload_optimizer"].get("buffer_count", 4)
     # the fp32 model built on the CPU before DeepSpeed takes it over
-    return 4 * params + param_buffers + optimizer_buffers, sum(need for _, need, _ in swap)
+    return 4 * params + param_buffers + optimizer_buffers, sum(need.bytes for need in swap)
 
 
 def plan(config: PlanConfig) -> dict[str, Any]:

@@ -14,11 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import signal
-import socket
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -32,18 +28,39 @@ from pipeline import checkpoint
 from pipeline.artifacts import input_entry, require_free_space, write_json_atomic
 from pipeline.config import DataDir, PipelineError, StageConfig, setup_logging, stage_main
 from pipeline.data import Prefetcher, TokenSequences, TrainBatches
-from pipeline.dsconfig import check_nvme, describe, load_ds_config, merge_ds_config, offload_devices, precision
-from pipeline.hardware import MemoryProbe, cap_gpu_memory, device_name, peak_tflops
+from pipeline.distributed import (
+    StopSignal,
+    all_reduce_sum,
+    any_rank,
+    init_distributed,
+    launch_time,
+    under_deepspeed_launcher,
+)
+from pipeline.dsconfig import (
+    check_nvme,
+    describe,
+    load_ds_config,
+    load_ops,
+    merge_ds_config,
+    offload_devices,
+    precision,
+)
+from pipeline.hardware import GIB, MemoryProbe, cap_gpu_memory, device_name, peak_tflops
 from pipeline.metrics import Metrics
 from pipeline.model import (
+    FUSED_GELU,
+    GPT2_GELU,
     TrainingModel,
     build_model,
+    enable_activation_checkpointing,
     flops_per_token,
     optimizer_groups,
     parameter_count,
     preset_context,
+    preset_parameters,
 )
 from pipeline.shard import load_index
+from pipeline.timing import PhaseTimer, StartupClock
 
 log = logging.getLogger("onecard")
 
@@ -66,8 +83,14 @@ class TrainConfig(StageConfig):
     activation_checkpointing: int = field(
         default=0, metadata={"help": "recompute activations of every k-th transformer block in the backward "
                              "pass: 0 off, 1 every block, k every k-th (less memory, more compute)"})
+    selective_checkpointing: bool = field(
+        default=False, metadata={"help": "in the checkpointed blocks keep the matmul and attention outputs and "
+                                 "recompute only LayerNorm, GELU and the adds (more memory, less compute)"})
     activation_offload: bool = field(
         default=False, metadata={"help": "keep the checkpointed activations in pinned host memory"})
+    fused_gelu: bool = field(
+        default=True, metadata={"help": "PyTorch's fused tanh-GELU (--no-fused-gelu: GPT-2's op-by-op gelu_new, "
+                                "the same function)"})
     loss_chunk_tokens: int = field(
         default=2048, metadata={"help": "compute the output layer and loss this many tokens at a time, so the "
                                 "full logits never exist (0: all at once)"})
@@ -113,18 +136,6 @@ def lr_schedule(config: TrainConfig) -> partial[float]:
     # --max-steps follows the new schedule.
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.max_steps // 20)
     return partial(lr_ratio, warmup_steps=warmup, max_steps=config.max_steps, min_ratio=config.min_lr_ratio)
-
-
-def init_distributed() -> None:
-    """Join the process group set up by the deepspeed launcher, or form a group of one without it."""
-    import deepspeed
-
-    if "RANK" not in os.environ:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(verbose=False)
 
 
 def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name: str) -> dict[str, Any]:
@@ -205,55 +216,6 @@ def _resharding(ckpt_dir: Path, ds: dict[str, Any], world_size: int) -> bool:
     return True
 
 
-class StopSignal:
-    """SIGTERM or SIGINT (preemption, Ctrl-C): the first lets the current step finish, then the run saves a
-    checkpoint and exits 0; a second stops the process at once (a checkpoint becomes `latest` only once
-    complete, so nothing half-written is ever taken for one). Under the deepspeed launcher the ranks leave
-    SIGINT to the launcher, which passes Ctrl-C on to them as SIGTERM."""
-
-    def __init__(self, launched: bool) -> None:
-        self.received: str | None = None
-        self._signals = [signal.SIGTERM] + ([] if launched else [signal.SIGINT])
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self._signals}
-            if launched:
-                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if signal.SIGINT in self._signals:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        log.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)", self.received)
-
-    def requested(self) -> bool:
-        """Whether any rank was signalled: all stop after the same step."""
-        return any_rank(self.received is not None)
-
-    def close(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
-def any_rank(condition: bool) -> bool:
-    """Whether the condition holds on any rank. A collective: every rank must call it, and all get the same
-    answer, so they take the same branch and none is left waiting in the next collective."""
-    from deepspeed import comm as dist
-    from deepspeed.accelerator import get_accelerator
-
-    flag = torch.tensor(float(condition), device=get_accelerator().current_device_name())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def under_deepspeed_launcher() -> bool:
-    import psutil
-
-    parent = psutil.Process().parent()
-    return parent is not None and "deepspeed.launcher.launch" in " ".join(parent.cmdline())
-
-
 @torch.no_grad()
 def validation_loss(engine: Any, val: TokenSequences, micro_batch_size: int, max_tokens: int, rank: int,
                     world_size: int) -> float | None:
@@ -275,20 +237,77 @@ def validation_loss(engine: Any, val: TokenSequences, micro_batch_size: int, max
     return total.item() / (per_rank * world_size)
 
 
-def run(config: TrainConfig) -> Path:
-    import deepspeed
-    from deepspeed import comm as dist
-    from deepspeed.accelerator import get_accelerator
+@dataclass
+class Session:
+    """What a training session settles before the model exists: who it is, what it trains on, how far."""
 
-    started = time.time()
+    config: TrainConfig
+    name: str
+    rank: int
+    world_size: int
+    data: DataDir
+    index: dict[str, Any]
+    ds: dict[str, Any]
+    identity: dict[str, Any]
+    seq_len: int
+    end_step: int
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.data.checkpoints(self.name)
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.data.shards(self.config.corpus)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.ds["train_micro_batch_size_per_gpu"]
+
+    @property
+    def grad_accum(self) -> int:
+        return self.ds["gradient_accumulation_steps"]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.ds["train_batch_size"] * self.seq_len
+
+
+@dataclass
+class Trainee:
+    """The model as the loop drives it: the DeepSpeed engine, the GPT-2 inside it, where training resumes."""
+
+    engine: Any
+    model: torch.nn.Module
+    start_step: int
+    n_params: int
+    flops_per_token: float
+
+
+def run(config: TrainConfig) -> Path:
+    clock = StartupClock(launch_time(), time.time())
     init_distributed()
+    session = start_session(config)
+    if session is None:
+        return DataDir(config.data_dir).checkpoints(run_name(config))
+    clock.lap("setup")
+    trainee = build_trainee(session, clock)
+    done = train(session, trainee, clock)
+    log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", session.name, done, config.max_steps,
+             time.time() - clock.started, session.ckpt_dir)
+    return session.ckpt_dir
+
+
+def start_session(config: TrainConfig) -> Session | None:
+    """Settle and check everything that needs no model: the run, its data, its DeepSpeed config, whether it
+    may resume; write the run's files. None when the run is already trained to its end."""
+    from deepspeed import comm as dist
+
     rank, world_size = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
     data, name = DataDir(config.data_dir), run_name(config)
-    ckpt_dir, log_dir = data.checkpoints(name), data.runs(name)
-    shards_dir = data.shards(config.corpus)
+    ckpt_dir, shards_dir = data.checkpoints(name), data.shards(config.corpus)
     index = load_index(shards_dir, checksums=config.verify_data)
     seq_len = config.seq_len or preset_context(config.preset)
     if seq_len > preset_context(config.preset):
@@ -300,15 +319,14 @@ def run(config: TrainConfig) -> Path:
         cap_gpu_memory(config.gpu_mem_cap)
     identity = run_identity(config, ds, index, shards_dir, seq_len, world_size)
     if rank == 0 and config.force:
-        for folder in (ckpt_dir, log_dir, data.nvme(name)):
+        for folder in (ckpt_dir, data.runs(name), data.nvme(name)):
             shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
     _check_resume(ckpt_dir, identity)
     end_step = min(config.max_steps, config.stop_after or config.max_steps)
-    tokens_per_step = ds["train_batch_size"] * seq_len
     if checkpoint.latest_step(ckpt_dir) >= end_step:
         log.info("run %s is already trained to step %d: nothing to do", name, checkpoint.latest_step(ckpt_dir))
-        return ckpt_dir
+        return None
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(ckpt_dir / checkpoint.RUN_FILE, {"identity": identity, "config": asdict(config),
@@ -316,33 +334,47 @@ def run(config: TrainConfig) -> Path:
         write_json_atomic(ckpt_dir / "ds_config.json", ds)
     dist.barrier()
     log.info("run %s: %s", name, describe(ds))
-    merged = json.dumps({"train": asdict(config), "deepspeed": ds}, indent=2, default=str)
-    log.info("merged config:\n%s", merged)
+    # The whole merged config is saved beside the checkpoints and in TensorBoard; the console gets the summary.
+    log.debug("merged config:\n%s", merged_config(config, ds))
+    return Session(config, name, rank, world_size, data, index, ds, identity, seq_len, end_step)
 
-    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    batches = TrainBatches(TokenSequences(shards_dir, index, "train", seq_len), config.seed, micro, accum, world_size)
-    val = TokenSequences(shards_dir, index, "val", seq_len)
+
+def merged_config(config: TrainConfig, ds: dict[str, Any]) -> str:
+    return json.dumps({"train": asdict(config), "deepspeed": ds}, indent=2, default=str)
+
+
+def build_trainee(session: Session, clock: StartupClock) -> Trainee:
+    """The model, built on the accelerator, inside its DeepSpeed engine, restored from the latest checkpoint."""
+    import deepspeed
+    from deepspeed import comm as dist
+
+    config, ds = session.config, session.ds
     torch.manual_seed(config.seed)
-    model = build_model(config.preset, index["vocab_size"], index["eot_id"], config.dropout).train()
+    model = build_model(config.preset, session.index["vocab_size"], session.index["eot_id"], config.dropout,
+                        activation=FUSED_GELU if config.fused_gelu else GPT2_GELU, device=build_device(session)).train()
     if config.activation_checkpointing:
-        model.activation_checkpointing_enable(every_n_layers=config.activation_checkpointing,
-                                              offload=config.activation_offload)
-    n_params, flops = parameter_count(model), flops_per_token(model, seq_len)
-    needs = checkpoint.disk_needs(ckpt_dir, n_params, ds, nvme_too=True)
-    _check_disk(needs if config.checkpoint_every else needs[1:])  # [0] is the checkpoint
-    weight_decay = ds["optimizer"].get("params", {}).get("weight_decay", 0.0)
+        enable_activation_checkpointing(model, config.activation_checkpointing, config.selective_checkpointing,
+                                        config.activation_offload)
+    n_params, flops = parameter_count(model), flops_per_token(model, session.seq_len)
+    disk = checkpoint.disk_needs(session.ckpt_dir, n_params, ds, nvme_too=True)
+    _check_disk(disk if config.checkpoint_every else [need for need in disk if need.what != checkpoint.NEXT])
+    clock.lap("model")
+    clock.lap("op loads", excluded=sum(seconds for seconds, built in load_ops(ds).values() if built))
     schedule = lr_schedule(config)
-    resharding = _resharding(ckpt_dir, ds, world_size)
+    resharding = _resharding(session.ckpt_dir, ds, session.world_size)
     engine, *_ = deepspeed.initialize(
-        model=TrainingModel(model, config.loss_chunk_tokens), model_parameters=optimizer_groups(model, weight_decay),
+        model=TrainingModel(model, config.loss_chunk_tokens),
+        model_parameters=optimizer_groups(model, ds["optimizer"].get("params", {}).get("weight_decay", 0.0)),
         config={**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}} if resharding else ds,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
-    client_state = checkpoint.load_latest(engine, ckpt_dir, universal=resharding)
+    release_build_memory()
+    clock.lap("engine")
+    client_state = checkpoint.load_latest(engine, session.ckpt_dir, universal=resharding)
     if resharding:  # loaded on every rank: the conversion (as big as the checkpoint's fp32 states) has done its job
         dist.barrier()
-        if rank == 0:
-            shutil.rmtree(ckpt_dir / checkpoint.UNIVERSAL)
+        if session.rank == 0:
+            shutil.rmtree(session.ckpt_dir / checkpoint.UNIVERSAL)
     start_step = client_state["step"] if client_state else 0
     if client_state:
         checkpoint.restore_rng_states(client_state["rng"])
@@ -351,80 +383,72 @@ def run(config: TrainConfig) -> Path:
         scheduler = engine.lr_scheduler
         for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
             group["lr"] = base_lr * schedule(start_step)
-
-    peak = peak_tflops(config.peak_tflops)
+    clock.lap("checkpoint load")
     log.info("model %s: %.2fM parameters, %.2f GFLOP/token, %d tokens per step, training steps %d..%d of %d on %s",
-             config.preset, n_params / 1e6, flops / 1e9, tokens_per_step, start_step + 1, end_step, config.max_steps,
-             device_name())
-    metrics, memory = Metrics(log_dir, rank == 0, start_step), MemoryProbe()
+             config.preset, n_params / 1e6, flops / 1e9, session.tokens_per_step, start_step + 1, session.end_step,
+             config.max_steps, device_name())
+    return Trainee(engine, model, start_step, n_params, flops)
+
+
+def build_device(session: Session) -> str:
+    """Where the model is built: under ZeRO-1/2, whose weights live on the GPU anyway, on the GPU when its fp32
+    weights fit there with room to spare (GPT-2 XL's 1.56B weights are initialised in a fraction of a second
+    there, against a minute of CPU random numbers); otherwise on the CPU, where ZeRO-3 partitions them from."""
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().current_device_name()
+    if not torch.cuda.is_available() or session.ds["zero_optimization"]["stage"] == 3:
+        return "cpu"
+    needed = 1.2 * 4 * preset_parameters(session.config.preset, session.index["vocab_size"])
+    room = torch.cuda.mem_get_info()[0]
+    if session.config.gpu_mem_cap is not None:
+        room = min(room, session.config.gpu_mem_cap * GIB)
+    return device if needed < room else "cpu"
+
+
+def release_build_memory() -> None:
+    """The fp32 weights the model was built with are bf16 (or partitioned away) inside the engine: hand their
+    cached blocks back, and start the peak readings from the training state."""
+    if torch.cuda.is_available():
+        log.info("GPU memory while building the engine: peak %.2f GiB allocated",
+                 torch.cuda.max_memory_allocated() / GIB)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def train(session: Session, trainee: Trainee, clock: StartupClock) -> int:
+    """The training loop, from the resumed step to the session's end; the last step trained."""
+    config, engine, start_step = session.config, trainee.engine, trainee.start_step
+    batches = TrainBatches(TokenSequences(session.shards_dir, session.index, "train", session.seq_len), config.seed,
+                           session.micro_batch_size, session.grad_accum, session.world_size)
+    val = TokenSequences(session.shards_dir, session.index, "val", session.seq_len)
+    metrics, memory, timer = Metrics(session.data.runs(session.name), session.rank == 0, start_step), MemoryProbe(), \
+        PhaseTimer(engine.device)
     if start_step == 0:
-        metrics.text("config", f"```\n{merged}\n```")
-    sync = get_accelerator().synchronize  # so that the time of each phase is the device's, not the launch's
-    prefetch = Prefetcher(batches, rank, start_step, end_step, pin=torch.cuda.is_available())
+        metrics.text("config", f"```\n{merged_config(config, session.ds)}\n```")
+    prefetch = Prefetcher(batches, session.rank, start_step, session.end_step, pin=torch.cuda.is_available())
     stop, done = StopSignal(under_deepspeed_launcher()), start_step
-    run_inputs = {"shards": input_entry(shards_dir)}  # what every manifest of this run records as its input
+    run_inputs = {"shards": input_entry(session.shards_dir)}  # what every manifest of this run records as its input
     try:
-        for step in range(start_step, end_step):
-            step_started = time.perf_counter()
-            lr = engine.get_lr()[0]
-            loss_sum = torch.zeros((), device=engine.device)
-            times = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-            waited = prefetch.waited
-            for micro_step in range(accum):
-                inputs, targets = (t.to(engine.device, non_blocking=True) for t in prefetch.next())
-                started_micro = time.perf_counter()
-                loss = engine(inputs, targets)
-                if not _all_finite(loss):
-                    loss = _nonfinite(config, engine, batches, step, micro_step, rank, inputs, targets)
-                sync()
-                forward_done = time.perf_counter()
-                engine.backward(loss)  # with ZeRO-Offload this also moves the gradients to the CPU
-                sync()
-                backward_done = time.perf_counter()
-                engine.step()  # the weights change on the last micro-step only: CPU Adam, then the upload
-                sync()
-                times["forward"] += forward_done - started_micro
-                times["backward"] += backward_done - forward_done
-                times["optimizer"] += time.perf_counter() - backward_done
-                loss_sum += loss.detach().float()
-            dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / (accum * world_size)
-            step_seconds = time.perf_counter() - step_started
-            grad_norm = engine.get_global_grad_norm()
-            tokens_per_second = tokens_per_step / step_seconds
-            tflops = flops * tokens_per_second / world_size / 1e12  # per device, as MFU is
+        for step in range(start_step, session.end_step):
+            stats = train_step(session, trainee, batches, prefetch, step, timer, stop)
+            stopping = stats.pop("stop_requested") > 0
             done = step + 1
-            val_loss = None
-            if config.eval_every and (done % config.eval_every == 0 or done == end_step):
-                val_loss = validation_loss(engine, val, micro, config.eval_tokens, rank, world_size)
-                if val_loss is not None:
-                    log.info("step %d: val loss %.4f (perplexity %.2f)", done, val_loss, math.exp(val_loss))
-            readings = memory.sample()
-            metrics.log(done, {
-                "loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_second": tokens_per_second, "tflops": tflops, "mfu": tflops / peak if peak else None,
-                "step_seconds": step_seconds, **{f"{phase}_seconds": value for phase, value in times.items()},
-                "data_wait_seconds": prefetch.waited - waited, "eval/val_loss": val_loss,
-                **readings,
-            })
-            if done % config.log_every == 0 or done in (start_step + 1, end_step):
-                eta = (config.max_steps - done) * step_seconds
-                log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %.0f tokens/s | %.1f TFLOP/s%s | "
-                         "%.2fs/step (fwd %.2f, bwd %.2f, opt %.2f) | %s | eta %dm%02ds", done, config.max_steps,
-                         mean_loss, lr,
-                         "-" if grad_norm is None else f"{float(grad_norm):.3f}", tokens_per_second, tflops,
-                         f" ({100 * tflops / peak:.1f}% MFU)" if peak else "", step_seconds, times["forward"],
-                         times["backward"], times["optimizer"], _memory_summary(readings), eta // 60, eta % 60)
-            stopping = stop.requested()
-            if stopping or (config.checkpoint_every and (done % config.checkpoint_every == 0 or done == end_step)):
-                _check_disk(checkpoint.disk_needs(ckpt_dir, n_params, ds, nvme_too=False))
-                progress = {"step": done, "tokens_seen": done * tokens_per_step}
-                state = {**progress, "rng": checkpoint.rng_states(), **checkpoint.universal_info()}
-                checkpoint.save(engine, model, ckpt_dir, done, state,
-                                config.keep_checkpoints, {"identity": identity, "inputs": run_inputs,
-                                                          "counts": progress, "started": started})
-                if rank == 0:
-                    checkpoint.write_run_manifest(ckpt_dir, identity, run_inputs, progress, started)
+            if done == start_step + 1:
+                clock.lap("first step")
+                stats.update(startup_seconds=clock.total(), op_build_seconds=clock.excluded)
+                log.info("start-up %.1fs to the end of step %d (%s; op builds %.1fs excluded)", clock.total(), done,
+                         clock.summary(), clock.excluded)
+            if config.eval_every and (done % config.eval_every == 0 or done == session.end_step):
+                stats["eval/val_loss"] = validation_loss(engine, val, session.micro_batch_size, config.eval_tokens,
+                                                         session.rank, session.world_size)
+            stats.update(memory.sample())
+            metrics.log(done, stats)
+            if done % config.log_every == 0 or done in (start_step + 1, session.end_step) or "eval/val_loss" in stats:
+                log.info("%s", step_line(done, config.max_steps, stats))
+            if stopping or (config.checkpoint_every and (done % config.checkpoint_every == 0
+                                                         or done == session.end_step)):
+                save_checkpoint(session, trainee, done, run_inputs, clock.started)
             if stopping:
                 log.warning("stopped after step %d on %s, with a checkpoint: run the same command to continue", done,
                             stop.received or "another rank's signal")
@@ -433,17 +457,84 @@ def run(config: TrainConfig) -> Path:
         stop.close()
         prefetch.close()
         metrics.close()
-    log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", name, done, config.max_steps,
-             time.time() - started, ckpt_dir)
-    return ckpt_dir
+    return done
 
 
-def _check_disk(needs: list[tuple[Path, float, str]]) -> None:
+def train_step(session: Session, trainee: Trainee, batches: TrainBatches, prefetch: Prefetcher, step: int,
+               timer: PhaseTimer, stop: StopSignal) -> dict[str, Any]:
+    """One optimizer step over `grad_accum` micro-batches, and its metrics. The host waits for the device once
+    per step, at the end (the loss, reduced over ranks with the stop flag in the same collective), never per
+    micro-step — except with --on-nonfinite skip, which must look at each micro-batch's loss before its backward."""
+    config, engine = session.config, trainee.engine
+    started, waited, lr = time.perf_counter(), prefetch.waited, engine.get_lr()[0]
+    losses = []
+    timer.start()
+    for micro_step in range(session.grad_accum):
+        inputs, targets = (t.to(engine.device, non_blocking=True) for t in prefetch.next())
+        loss = engine(inputs, targets)
+        if config.on_nonfinite == "skip" and not _all_finite(loss):
+            loss = _skip(engine, batches.sample_indices(step, micro_step, session.rank), step, micro_step,
+                         session.rank, inputs, targets)
+        timer.mark("forward")
+        engine.backward(loss)  # with ZeRO-2 offload this also moves the gradients to the CPU
+        timer.mark("backward")
+        engine.step()  # the weights change on the last micro-step only: CPU Adam, then the upload
+        timer.mark("optimizer")
+        losses.append(loss.detach().float())
+    local = torch.stack(losses)
+    loss_sum, stop_requested = all_reduce_sum(torch.cat([local.sum().reshape(1),
+                                                         local.new_tensor([float(stop.received is not None)])]))
+    mean_loss = float(loss_sum) / (session.grad_accum * session.world_size)
+    if not math.isfinite(mean_loss):
+        _stop_on_nonfinite(local, batches, step, session.rank)
+    phases = timer.seconds()
+    seconds = time.perf_counter() - started
+    grad_norm = engine.get_global_grad_norm()
+    tokens_per_second = session.tokens_per_step / seconds
+    tflops = trainee.flops_per_token * tokens_per_second / session.world_size / 1e12  # per device, as MFU is
+    peak = peak_tflops(config.peak_tflops)
+    return {"loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_second": tokens_per_second, "tflops": tflops, "mfu": tflops / peak if peak else None,
+            "step_seconds": seconds, **{f"{phase}_seconds": phases.get(phase, 0.0) for phase in PHASES},
+            "data_wait_seconds": prefetch.waited - waited, "stop_requested": float(stop_requested)}
+
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+def step_line(done: int, max_steps: int, stats: dict[str, Any]) -> str:
+    """The console line of a step."""
+    eta = (max_steps - done) * stats["step_seconds"]
+    val = stats.get("eval/val_loss")
+    return (f"step {done}/{max_steps} | loss {stats['loss']:.4f}"
+            + (f" | val loss {val:.4f} (perplexity {math.exp(val):.2f})" if val is not None else "")
+            + f" | lr {stats['lr']:.2e} | grad norm "
+            + ("-" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}")
+            + f" | {stats['tokens_per_second']:.0f} tokens/s | {stats['tflops']:.1f} TFLOP/s"
+            + (f" ({100 * stats['mfu']:.1f}% MFU)" if stats["mfu"] is not None else "")
+            + f" | {stats['step_seconds']:.2f}s/step (fwd {stats['forward_seconds']:.2f}, bwd "
+              f"{stats['backward_seconds']:.2f}, opt {stats['optimizer_seconds']:.2f}) | {_memory_summary(stats)}"
+            + f" | eta {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+def save_checkpoint(session: Session, trainee: Trainee, done: int, run_inputs: dict[str, Any],
+                    started: float) -> None:
+    """A checkpoint after step `done`, with the data position and RNG states; the run's manifest follows it."""
+    _check_disk(checkpoint.disk_needs(session.ckpt_dir, trainee.n_params, session.ds, nvme_too=False))
+    progress = {"step": done, "tokens_seen": done * session.tokens_per_step}
+    state = {**progress, "rng": checkpoint.rng_states(), **checkpoint.universal_info()}
+    checkpoint.save(trainee.engine, trainee.model, session.ckpt_dir, done, state, session.config.keep_checkpoints,
+                    {"identity": session.identity, "inputs": run_inputs, "counts": progress, "started": started})
+    if session.rank == 0:
+        checkpoint.write_run_manifest(session.ckpt_dir, session.identity, run_inputs, progress, started)
+
+
+def _check_disk(needs: list[checkpoint.DiskNeed]) -> None:
     """Every rank checks its own disks; all raise together."""
     problem = None
-    for folder, needed, what in needs:
+    for need in needs:
         try:
-            require_free_space(folder, needed, what, "then run the same command again")
+            require_free_space(need.folder, need.bytes, need.what, "then run the same command again")
         except PipelineError as error:
             problem = str(error)
             break
@@ -456,16 +547,26 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return not any_rank(not bool(torch.isfinite(loss.detach()).all()))
 
 
-def _nonfinite(config: TrainConfig, engine: Any, batches: TrainBatches, step: int, micro_step: int, rank: int,
-               inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """A NaN/inf loss at (step, micro step): stop, or replace it by a zero-gradient loss of one token."""
-    where = (f"step {step + 1}, micro-step {micro_step}, rank {rank}: train sequences "
-             f"{batches.sample_indices(step, micro_step, rank).tolist()}")
-    if config.on_nonfinite == "stop":
-        raise PipelineError(
-            f"non-finite loss at {where}. Stopped without saving: the latest checkpoint is the last good state. "
-            "Lower --lr, raise the warmup, or run again with --on-nonfinite skip to train past this batch."
-        )
+def _where(step: int, micro_step: int, rank: int, sequences: np.ndarray) -> str:
+    return f"step {step + 1}, micro-step {micro_step}, rank {rank}: train sequences {sequences.tolist()}"
+
+
+def _stop_on_nonfinite(local_losses: torch.Tensor, batches: TrainBatches, step: int, rank: int) -> None:
+    """The step's loss is NaN/inf on some rank: stop without saving (the optimizer step has run, but the
+    weights it made are never written), naming this rank's first bad micro-batch."""
+    bad = torch.nonzero(~torch.isfinite(local_losses.cpu())).flatten().tolist()
+    where = (_where(step, bad[0], rank, batches.sample_indices(step, bad[0], rank)) if bad
+             else f"step {step + 1} on another rank")
+    raise PipelineError(
+        f"non-finite loss at {where}. Stopped without saving: the latest checkpoint is the last good state. "
+        "Lower --lr, raise the warmup, or run again with --on-nonfinite skip to train past this batch."
+    )
+
+
+def _skip(engine: Any, sequences: np.ndarray, step: int, micro_step: int, rank: int, inputs: torch.Tensor,
+          targets: torch.Tensor) -> torch.Tensor:
+    """A NaN/inf loss at (step, micro step) under --on-nonfinite skip: a zero-gradient loss of one token instead."""
+    where = _where(step, micro_step, rank, sequences)
     log.warning("non-finite loss at %s: skipped (the micro-batch contributes no gradient)", where)
     # A fresh forward on one token: a graph through the same parameters (so ZeRO's hooks run as always),
     # scaled to zero gradient.
@@ -476,7 +577,7 @@ def _nonfinite(config: TrainConfig, engine: Any, batches: TrainBatches, step: in
     return zero
 
 
-def _memory_summary(readings: dict[str, float | None]) -> str:
+def _memory_summary(readings: dict[str, Any]) -> str:
     parts = [f"host RSS {readings['host_rss_gib']:.1f} GiB"]
     if readings["peak_gpu_reserved_gib"] is not None:
         parts.insert(0, f"GPU peak {readings['peak_gpu_reserved_gib']:.1f} GiB reserved")

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.model import TrainingModel, build_model, flops_per_token, lm_loss
+from pipeline.model import (
+    GPT2_GELU,
+    TrainingModel,
+    build_model,
+    enable_activation_checkpointing,
+    flops_per_token,
+    lm_loss,
+)
 
 
 def batch(vocab: int = 300, size: tuple[int, int] = (3, 40)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +64,58 @@ def test_activation_checkpointing_recomputes_every_kth_block_and_changes_no_grad
     assert calls == [2 if i % every == 0 else 1 for i in range(6)]  # checkpointed blocks run again in backward
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a forward and backward run, recomputation included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.__name__] = self.counts.get(func.__name__, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("selective", [False, True])
+def test_selective_checkpointing_recomputes_only_the_cheap_ops(selective: bool) -> None:
+    torch.manual_seed(0)
+    plain = build_model("tiny", 300, 0).train()
+    _, expected = loss_and_grads(plain, 0)
+    with OpCounter() as plain_ops:
+        lm_loss(plain, *batch()).backward()
+    torch.manual_seed(0)
+    checkpointed = build_model("tiny", 300, 0).train()
+    enable_activation_checkpointing(checkpointed, 1, selective=selective)
+    _, grads = loss_and_grads(checkpointed, 0)
+    with OpCounter() as ops:
+        lm_loss(checkpointed, *batch()).backward()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    layers = 6
+    # LayerNorm (2 per block) and GELU (1) run again in the backward pass either way ...
+    assert ops.counts["native_layer_norm.default"] == plain_ops.counts["native_layer_norm.default"] + 2 * layers
+    assert ops.counts["gelu.default"] == plain_ops.counts["gelu.default"] + layers
+    # ... the matmuls and attention only under full checkpointing
+    matmuls = ("addmm.default", "_scaled_dot_product_flash_attention_for_cpu.default")
+    recomputed = sum(ops.counts[op] - plain_ops.counts[op] for op in matmuls)
+    assert recomputed == 0 if selective else recomputed >= 4 * layers
+
+
+def test_the_fused_gelu_is_gpt2s_gelu() -> None:
+    """PyTorch's tanh-GELU kernel against GPT-2's own op-by-op gelu_new, from the same weights: the same loss
+    and gradients to float32 rounding."""
+    torch.manual_seed(0)
+    gpt2 = build_model("tiny", 300, 0, activation=GPT2_GELU)
+    torch.manual_seed(0)
+    fused = build_model("tiny", 300, 0)
+    assert fused.config.activation_function == "gelu_pytorch_tanh"
+    expected_loss, expected = loss_and_grads(gpt2, 0)
+    loss, grads = loss_and_grads(fused, 0)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_training_model_returns_the_loss() -> None:

@@ -109,7 +109,7 @@ def reference_losses(data_dir: Path, steps: int, micro: int, accum: int) -> tupl
     return result, model.state_dict()
 
 
-@pytest.mark.parametrize("config", ["zero2_offload", "zero3_nvme"])
+@pytest.mark.parametrize("config", ["zero1_offload", "zero2_offload", "zero3_nvme"])
 def test_offload_changes_no_math(data_copy: Path, config: str) -> None:
     expected, expected_weights = reference_losses(data_copy, steps=6, micro=2, accum=2)
     got = losses(train(data_copy, config, "math", grad_accum=2))
@@ -129,7 +129,7 @@ def assert_same_run(data_dir: Path, straight: list[dict], resumed: list[dict]) -
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
+@pytest.mark.parametrize("config", ["zero1_offload", "zero2_offload", "zero3_offload"])
 def test_resume_is_exact(data_copy: Path, config: str) -> None:
     # Resuming late matters: CPU Adam's bias correction must continue bit for bit (see checkpoint.py).
     straight = train(data_copy, config, "straight", checkpoint_every=3)
@@ -192,6 +192,27 @@ def test_memory_savers_change_no_math_and_metrics_are_logged(data_copy: Path) ->
         assert 0 <= metric["data_wait_seconds"] < 0.5
         assert metric["peak_host_rss_gib"] >= metric["host_rss_gib"] > 0
     assert "mfu" not in plain[0]  # no known peak on a CPU
+
+
+@pytest.mark.parametrize(("mode", "per_step"), [("stop", 1), ("skip", 1 + 4)])
+def test_the_host_waits_for_the_ranks_once_per_optimizer_step(data_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               mode: str, per_step: int) -> None:
+    """However many micro-steps, the loop reduces the loss and the stop flag in one collective per optimizer step
+    (the only time the host waits for the device); --on-nonfinite skip adds one per micro-batch, to look at its
+    loss before its backward."""
+    import pipeline.train as trainer
+
+    calls = []
+    for name in ("all_reduce_sum", "any_rank"):
+        real = getattr(trainer, name)
+        monkeypatch.setattr(trainer, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    metrics = train(data_copy, "zero1_offload", "syncs", max_steps=3, grad_accum=4, checkpoint_every=0,
+                    on_nonfinite=mode)
+    assert len(metrics) == 3
+    assert calls.count("all_reduce_sum") == 3  # the loss and the stop flag, together
+    assert len(calls) == 1 + 3 * per_step  # 1: the disk check before the first step
+    assert "startup_seconds" in metrics[0] and "startup_seconds" not in metrics[1]
+    assert metrics[0]["startup_seconds"] > 0 and metrics[0]["op_build_seconds"] >= 0
 
 
 def test_configs_the_trainer_cannot_use_are_refused(data_copy: Path, tmp_path: Path) -> None:

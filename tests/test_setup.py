@@ -1,0 +1,56 @@
+"""The set-up: `make test` and `make run` install the system packages they need, or name the command that does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+
+def fake_system(folder: Path, uid: int, passwordless_sudo: bool) -> dict[str, str]:
+    """A PATH whose `id`, `sudo` and `apt-get` act as on a machine of this user; apt-get logs its arguments."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    scripts = {"id": f"echo {uid}", "sudo": '[ "$1" = -n ] && shift; exec "$@"' if passwordless_sudo else "exit 1",
+               "apt-get": f'echo "$@" >> {folder / "apt.log"}'}
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "ONECARD_AIO_HEADER": str(folder / "no-libaio.h")}
+
+
+@pytest.mark.parametrize(("uid", "passwordless_sudo", "installs"), [(0, False, True), (1000, True, True),
+                                                                     (1000, False, False)])
+def test_missing_libaio_is_installed_when_the_user_may(tmp_path: Path, uid: int, passwordless_sudo: bool,
+                                                       installs: bool) -> None:
+    env = fake_system(tmp_path, uid, passwordless_sudo)
+    result = subprocess.run(["sh", "launch/system_deps.sh", sys.executable], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)
+    log = tmp_path / "apt.log"
+    if installs:
+        assert result.returncode == 0, result.stderr
+        assert "install -y -q libaio-dev" in log.read_text()
+    else:  # one clear message with the command, and nothing attempted
+        assert result.returncode == 1 and not log.exists()
+        assert "sudo apt-get install -y libaio-dev" in result.stderr
+
+
+def test_nothing_is_installed_when_nothing_is_missing(tmp_path: Path) -> None:
+    env = fake_system(tmp_path, 0, False)
+    env["ONECARD_AIO_HEADER"] = str(tmp_path / "libaio.h")
+    (tmp_path / "libaio.h").write_text("")
+    result = subprocess.run(["sh", "launch/system_deps.sh", sys.executable], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and not (tmp_path / "apt.log").exists()
+
+
+def test_make_test_and_ci_take_the_same_set_up_step() -> None:
+    planned = subprocess.run(["make", "-n", "test", "VIRTUAL_ENV=" + sys.prefix], cwd=REPO, capture_output=True,
+                             text=True, timeout=60).stdout
+    assert "sh launch/system_deps.sh" in planned
+    assert "apt-get" not in (REPO / ".ci" / "run").read_text()  # CI has no set-up of its own: `make test` is it
