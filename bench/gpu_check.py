@@ -54,6 +54,8 @@ RUNS = {
                  micro_batch_size=4, grad_accum=8),
     "zero1-big-step": Run("onecard:zero1_offload", "+ 131K tokens per optimizer step (CPU Adam amortised)",
                           micro_batch_size=4, grad_accum=32),
+    "zero1-compile": Run("onecard:zero1_offload", "+ torch.compile of every block", micro_batch_size=4,
+                         grad_accum=32, levers="--activation-checkpointing 1 --compile"),
     "zero2-every2": Run("onecard:zero2_offload", "ZeRO-2, every 2nd block checkpointed, 131K tokens per step",
                         micro_batch_size=4, grad_accum=32, levers="--activation-checkpointing 2"),
     "zero2-selective": Run("onecard:zero2_offload", "ZeRO-2, selective checkpointing (matmul outputs kept), 131K "

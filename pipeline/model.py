@@ -50,13 +50,22 @@ def model_config(preset: str, vocab_size: int, eot_id: int, dropout: float = 0.0
 
 def build_model(preset: str, vocab_size: int, eot_id: int, dropout: float = 0.0, activation: str = FUSED_GELU,
                 device: torch.device | str | None = None) -> torch.nn.Module:
-    """A freshly initialised GPT-2 (call torch.manual_seed first for a reproducible init), built on `device`:
-    built on the GPU, GPT-2 XL's 1.56B weights are initialised in a fraction of a second rather than by a
-    minute of CPU random-number generation."""
+    """A freshly initialised GPT-2 on `device` (default: the current default device; under
+    `with torch.device("meta")` only the shapes). Call torch.manual_seed first for a reproducible init.
+
+    The modules are made on the meta device and their weights drawn once, by GPT-2's own initialisation, where
+    they will live: constructed the ordinary way each weight is drawn twice (PyTorch's default init, then
+    GPT-2's), which for GPT-2 XL on a CPU takes 18 s instead of 13 (measured on the 2-core development machine);
+    on a GPU it is a fraction of a second."""
     from transformers import GPT2LMHeadModel
 
-    with torch.device(device or "cpu"):
-        return GPT2LMHeadModel(model_config(preset, vocab_size, eot_id, dropout, activation))
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(model_config(preset, vocab_size, eot_id, dropout, activation))
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    if target.type != "meta":
+        model.to_empty(device=target)
+        model.init_weights()
+    return model
 
 
 # What selective activation checkpointing keeps from the forward pass: the outputs of the matmuls and of

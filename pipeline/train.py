@@ -88,6 +88,9 @@ class TrainConfig(StageConfig):
                                  "recompute only LayerNorm, GELU and the adds (more memory, less compute)"})
     activation_offload: bool = field(
         default=False, metadata={"help": "keep the checkpointed activations in pinned host memory"})
+    compile: bool = field(
+        default=False, metadata={"help": "torch.compile each transformer block (fuses LayerNorm, GELU, bias adds "
+                                 "and residuals; the first step pays the compilation)"})
     fused_gelu: bool = field(
         default=True, metadata={"help": "PyTorch's fused tanh-GELU (--no-fused-gelu: GPT-2's op-by-op gelu_new, "
                                 "the same function)"})
@@ -355,6 +358,9 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
     if config.activation_checkpointing:
         enable_activation_checkpointing(model, config.activation_checkpointing, config.selective_checkpointing,
                                         config.activation_offload)
+    if config.compile:
+        for block in model.transformer.h:
+            block.compile()
     n_params, flops = parameter_count(model), flops_per_token(model, session.seq_len)
     disk = checkpoint.disk_needs(session.ckpt_dir, n_params, ds, nvme_too=True)
     _check_disk(disk if config.checkpoint_every else [need for need in disk if need.what != checkpoint.NEXT])

@@ -194,6 +194,16 @@ def test_memory_savers_change_no_math_and_metrics_are_logged(data_copy: Path) ->
     assert "mfu" not in plain[0]  # no known peak on a CPU
 
 
+def test_compiled_blocks_change_no_math(data_copy: Path) -> None:
+    """--compile (torch.compile of every transformer block, here Inductor's CPU code) inside DeepSpeed's engine
+    with activation checkpointing: the losses of the eager model."""
+    eager = train(data_copy, "zero1_offload", "eager", max_steps=3, grad_accum=2, activation_checkpointing=1)
+    compiled = train(data_copy, "zero1_offload", "compiled", max_steps=3, grad_accum=2, activation_checkpointing=1,
+                     compile=True)
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-5)
+    assert compiled[0]["step_seconds"] > compiled[-1]["step_seconds"]  # the first step compiled
+
+
 @pytest.mark.parametrize(("mode", "per_step"), [("stop", 1), ("skip", 1 + 4)])
 def test_the_host_waits_for_the_ranks_once_per_optimizer_step(data_copy: Path, monkeypatch: pytest.MonkeyPatch,
                                                                mode: str, per_step: int) -> None:
