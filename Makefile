@@ -9,13 +9,13 @@
 
 DATA      ?= data
 SOURCE    ?= builtin
-CORPUS    ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.config import corpus_name; print(corpus_name(sys.argv[1]))' '$(SOURCE)')
+CORPUS    ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.stage import corpus_name; print(corpus_name(sys.argv[1]))' '$(SOURCE)')
 TOKENIZER ?= bpe:4096
 PRESET    ?= tiny
 CONFIG    ?= ds_configs/zero3_offload.json
 STEPS     ?= 300
-# <corpus>-<preset>-<config>-<date the run started>: the newest such run, or today's (pipeline.config.DataDir)
-RUN       ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.config import DataDir; print(DataDir(sys.argv[1]).default_run(*sys.argv[2:]))' '$(DATA)' '$(CORPUS)' '$(PRESET)' '$(CONFIG)')
+# <corpus>-<preset>-<config>-<date the run started>: the newest such run, or today's (pipeline.stage.DataDir)
+RUN       ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.stage import DataDir; print(DataDir(sys.argv[1]).default_run(*sys.argv[2:]))' '$(DATA)' '$(CORPUS)' '$(PRESET)' '$(CONFIG)')
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 PLAN_ARGS ?=

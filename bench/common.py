@@ -19,12 +19,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the workers run as scripts: make `pipeline` importable
 
-from pipeline.config import DataDir, default_data_dir  # noqa: E402
 from pipeline.data import TokenSequences, TrainBatches  # noqa: E402
 from pipeline.distributed import launch_time  # noqa: E402
 from pipeline.hardware import MemoryProbe, device_name, peak_tflops  # noqa: E402
 from pipeline.model import build_model, flops_per_token, preset_context  # noqa: E402
-from pipeline.shard import load_index  # noqa: E402
+from pipeline.shard_format import load_index  # noqa: E402
+from pipeline.stage import DataDir, default_data_dir  # noqa: E402
 
 
 @dataclass

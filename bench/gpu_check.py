@@ -24,7 +24,7 @@ from typing import Any
 from common import base_record, write_result
 from train_bench import DriverConfig, run_system
 
-from pipeline.config import parse_config
+from pipeline.stage import parse_config
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from common import BenchConfig, StepLog, train_batches, write_result
 
-from pipeline.config import parse_config
 from pipeline.hardware import cap_gpu_memory
 from pipeline.model import GPT2_GELU, build_model
+from pipeline.stage import parse_config
 
 
 class Sequences(torch.utils.data.Dataset):

@@ -32,8 +32,8 @@ from common import REPO
 
 from pipeline.artifacts import read_manifest, verify_files
 from pipeline.checkpoint import latest_tag, load_weights, tag_for
-from pipeline.config import PipelineError, parse_config
 from pipeline.metrics import read_metrics
+from pipeline.stage import PipelineError, parse_config
 
 TARGETS = ("download", "tokenize", "shard", "train", "checkpoint")
 STAGE_OF = {"download": "raw", "tokenize": "tokens", "shard": "shards"}

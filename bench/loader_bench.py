@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from common import REPO, write_result
 
-from pipeline.config import DataDir, default_data_dir, parse_config
 from pipeline.data import Prefetcher, TokenSequences, TrainBatches
 from pipeline.hardware import lookup_gpu
 from pipeline.model import build_model, flops_per_token
-from pipeline.shard import load_index
+from pipeline.shard_format import load_index
+from pipeline.stage import DataDir, default_data_dir, parse_config
 
 
 @dataclass

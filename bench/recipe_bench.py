@@ -23,12 +23,12 @@ from common import REPO, base_record, write_result
 from recipe_reference import RecipeConfig
 
 from pipeline.checkpoint import load_weights
-from pipeline.config import DataDir, parse_config
 from pipeline.data import TokenSequences
 from pipeline.evaluate import validation_loss
 from pipeline.metrics import read_metrics
 from pipeline.model import build_model
-from pipeline.shard import load_index
+from pipeline.shard_format import load_index
+from pipeline.stage import DataDir, parse_config
 
 RUN = "recipe-onecard"
 

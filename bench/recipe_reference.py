@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from common import BenchConfig, base_record, train_batches, write_result
 
-from pipeline.config import DataDir, parse_config
 from pipeline.data import TokenSequences
 from pipeline.evaluate import validation_loss
 from pipeline.model import build_model
+from pipeline.stage import DataDir, parse_config
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 from common import REPO, write_result
 
-from pipeline.config import parse_config
+from pipeline.stage import parse_config
 
 GIB = 1 << 30
 

@@ -17,9 +17,9 @@ from contextlib import nullcontext
 import torch
 from common import BenchConfig, StepLog, train_batches, write_result
 
-from pipeline.config import parse_config
 from pipeline.hardware import cap_gpu_memory
 from pipeline.model import TrainingModel, build_model
+from pipeline.stage import parse_config
 
 LOSS_CHUNK_TOKENS = 2048
 

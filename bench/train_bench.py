@@ -24,9 +24,9 @@ from typing import Any
 
 from common import REPO, BenchConfig, base_record, is_out_of_memory, model_flops, summarise, write_result
 
-from pipeline.config import DataDir, parse_config
 from pipeline.metrics import read_metrics
-from pipeline.shard import load_index
+from pipeline.shard_format import load_index
+from pipeline.stage import DataDir, parse_config
 
 DEFAULT_SYSTEMS = ",".join(
     [f"onecard:{p.stem}" for p in sorted((REPO / "ds_configs").glob("*.json"))]

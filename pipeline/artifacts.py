@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineError
+from pipeline.stage import PipelineError
 
 log = logging.getLogger("onecard")
 

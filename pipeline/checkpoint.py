@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.artifacts import read_manifest, sha256_json, verify_files, write_manifest, write_text_atomic
-from pipeline.config import PipelineError
+from pipeline.stage import PipelineError
 
 log = logging.getLogger("onecard")
 
@@ -37,6 +37,28 @@ TAG_PREFIX = "step_"
 RUN_FILE = "run.json"
 WEIGHTS = "model_fp32.safetensors"
 UNIVERSAL = "universal"  # the latest checkpoint re-partitioned for another number of ranks
+
+
+def check_deepspeed() -> None:
+    """Resuming exactly relies on DeepSpeed internals (its checkpoint file lists, the NVMe optimizer swapper's
+    sub-groups, CPU Adam's update call), which change between releases: refuse a DeepSpeed other than the one
+    pyproject.toml pins, before any work. (Nothing to check when onecard runs from a source tree it was not
+    installed from.)"""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    try:
+        pinned = next(r for r in map(Requirement, requires("onecard") or []) if r.name == "deepspeed")
+    except (PackageNotFoundError, StopIteration):
+        return
+    installed = version("deepspeed")
+    if installed not in pinned.specifier:
+        raise PipelineError(
+            f"DeepSpeed {installed} is installed, but onecard is tested with deepspeed{pinned.specifier} and its "
+            "checkpoints rely on that version's internals. Install it: pip install "
+            f"'deepspeed{pinned.specifier}' (or `make install`)."
+        )
 
 
 def tag_for(step: int) -> str:

@@ -1,17 +1,18 @@
-"""`onecard <stage> [options]`: the stages and the planner under one command (each is also
-`python -m pipeline.<stage>`)."""
+"""`onecard <command> [options]`: the stages and the planner under one command (each is also
+`python -m pipeline.<command>`)."""
 
 from __future__ import annotations
 
-import runpy
+import importlib
 import sys
 
-COMMANDS = ("plan", "download", "tokenize", "shard", "train", "evaluate")
+# command -> the module whose main(argv) runs it
+COMMANDS = {"plan": "pipeline.plan", "download": "pipeline.download", "tokenize": "pipeline.tokenize",
+            "shard": "pipeline.shard", "train": "pipeline.train", "evaluate": "pipeline.evaluate"}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         sys.exit(f"usage: onecard {{{','.join(COMMANDS)}}} [options]   (onecard <command> --help for its options)")
-    command, sys.argv = argv[0], [f"onecard {argv[0]}", *argv[1:]]
-    runpy.run_module(f"pipeline.{command}", run_name="__main__", alter_sys=True)
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import PipelineError
-from pipeline.shards import read_shard
+from pipeline.shard_format import read_shard
+from pipeline.stage import PipelineError
 
 
 class TokenSequences:

@@ -11,6 +11,7 @@ Sources:
   http(s)://URL            a file of one of the local formats, fetched first
 
 Each document becomes one line `{"text": ..., "source": ...}` of `docs_00000.jsonl`, `docs_00001.jsonl`, ...
+(the format: `pipeline/documents.py`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from typing import IO, Any, Literal
 from tqdm import tqdm
 
 from pipeline.artifacts import StageOutput, require_free_space, write_json_atomic
-from pipeline.config import (
+from pipeline.documents import PART_PREFIX, document_line, part_name
+from pipeline.stage import (
     ARCHIVE_SUFFIXES,
     DOCUMENT_SUFFIXES,
     LOCAL_SUFFIXES,
@@ -49,6 +51,7 @@ from pipeline.config import (
     part_corpus,
     stage_main,
 )
+from pipeline.tokenizer import token_counter
 
 log = logging.getLogger("onecard")
 
@@ -332,7 +335,7 @@ class PartWriter:
         self.consumed: int = progress.get("consumed", 0)
         self.stream_state: Any = progress.get("stream_state")
         self.sources: dict[str, dict[str, Any]] = progress.get("sources", {})
-        for stray in folder.glob(".docs_*.partial"):
+        for stray in folder.glob(f".{PART_PREFIX}*.partial"):
             stray.unlink()  # the part being written when the last run stopped: its documents come again
         self._file: IO[str] | None = None
         self._part_bytes = 0
@@ -347,9 +350,9 @@ class PartWriter:
         self.consumed += 1
         if isinstance(text, str) and text.strip():
             if self._file is None:
-                self._file = open(self.folder / f".docs_{len(self.parts):05d}.partial", "w", encoding="utf-8")
+                self._file = open(self.folder / f".{part_name(len(self.parts))}.partial", "w", encoding="utf-8")
                 self._part_bytes = 0
-            line = json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n"
+            line = document_line(text, source)
             self._file.write(line)
             data = text.encode("utf-8")
             self._part_bytes += len(line)
@@ -371,8 +374,8 @@ class PartWriter:
             return
         self._file.close()
         self._file = None
-        name = f"docs_{len(self.parts):05d}.jsonl"
-        os.replace(self.folder / f".{name.removesuffix('.jsonl')}.partial", self.folder / name)
+        name = part_name(len(self.parts))
+        os.replace(self.folder / f".{name}.partial", self.folder / name)
         self.parts.append(name)
         self.stream_state = stream_state
         write_json_atomic(self.folder / PROGRESS, {
@@ -434,8 +437,6 @@ def run(config: DownloadConfig) -> Path:
     require_free_space(out.final.parent, 1.2 * (total or 0), "the downloaded text")
     count_tokens = None
     if config.max_tokens is not None:
-        from pipeline.tokenize import token_counter  # tokenize reads downloads: import it only when needed
-
         count_tokens = token_counter(config.count_tokenizer, config.data_dir)
     with out.building(resumable=True) as folder:
         writer = PartWriter(folder, config, count_tokens)
@@ -471,13 +472,9 @@ def run(config: DownloadConfig) -> Path:
     return out.final
 
 
-def read_documents(raw_dir: Path) -> Iterator[str]:
-    """The texts of a download output, in order."""
-    for part in sorted(raw_dir.glob("docs_*.jsonl")):
-        with open(part, encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)["text"]
+def main(argv: list[str] | None = None) -> None:
+    stage_main(DownloadConfig, run, argv)
 
 
 if __name__ == "__main__":
-    stage_main(DownloadConfig, run)
+    main()

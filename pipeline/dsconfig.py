@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineError
+from pipeline.stage import PipelineError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 

@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, zeroshot
 from pipeline.artifacts import StageOutput, sha256_file, write_json_atomic
-from pipeline.config import DataDir, PipelineError, StageConfig, stage_main
 from pipeline.data import TokenSequences
 from pipeline.model import build_model, lm_loss
 from pipeline.report import markdown, plot_loss, read_curves
-from pipeline.shard import load_index
-from pipeline.tokenize import load_tokenizer
+from pipeline.shard_format import load_index
+from pipeline.stage import DataDir, PipelineError, StageConfig, stage_main
+from pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger("onecard")
 
@@ -231,5 +231,9 @@ def _log_to_tensorboard(log_dir: Path, report: dict[str, Any]) -> None:
             writer.add_text(f"samples/{sample['prompt']}", sample["text"], report["step"])
 
 
+def main(argv: list[str] | None = None) -> None:
+    stage_main(EvaluateConfig, run, argv)
+
+
 if __name__ == "__main__":
-    stage_main(EvaluateConfig, run)
+    main()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from pipeline.config import PipelineError
+from pipeline.stage import PipelineError
 
 GIB = 1 << 30
 

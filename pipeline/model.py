@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from pipeline.config import PipelineError
+from pipeline.stage import PipelineError
 
 # (layers, width, heads, context). gpt2* are OpenAI's four GPT-2 sizes; tiny is for CPU runs and tests.
 PRESETS: dict[str, tuple[int, int, int, int]] = {

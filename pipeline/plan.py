@@ -19,18 +19,32 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineError, stage_main
 from pipeline.dsconfig import load_ds_config, offload_devices
 from pipeline.hardware import GIB, GPUS, lookup_gpu
 from pipeline.model import preset_parameters, preset_shape, training_flops_per_token
+from pipeline.stage import PipelineError, stage_main
 
 log = logging.getLogger("onecard")
 
-REPO = Path(__file__).resolve().parents[1]
-MEASURED = REPO / "docs" / "bench" / "train-h100"
+MEASURED_AT = "docs/bench/train-h100"
+
+
+def shipped(package: str, folder: str) -> Any:
+    """A folder of the repository that a wheel carries inside the package (pyproject.toml maps ds_configs/ and
+    the GPU-host measurements there), so that an installed onecard plans as the source tree does; in a source
+    tree or an editable install, the folder itself."""
+    try:
+        return files(package)
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / folder
+
+
+CONFIGS = shipped("pipeline.ds_configs", "ds_configs")
+MEASURED = shipped("pipeline.measured", MEASURED_AT)
 TOKENS_PER_PARAMETER = 20  # compute-optimal (Hoffmann et al., 2022)
 SECONDS_PER_YEAR = 365.25 * 24 * 3600
 # From the GPU-host measurement of GPT-2 XL (docs/BENCHMARKS.md): the allocator reserved 1.29x (ZeRO-2) and
@@ -101,7 +115,7 @@ def card(config: PlanConfig) -> dict[str, Any]:
 def measured_runs() -> dict[str, dict[str, Any]]:
     """onecard's GPU-host records by config stem (ok or cut short with steps done), for MFU and speed."""
     runs = {}
-    for path in sorted(MEASURED.glob("onecard-*.json")):
+    for path in sorted((p for p in MEASURED.iterdir() if p.name.startswith("onecard-")), key=lambda p: p.name):
         record = json.loads(path.read_text())
         if record.get("mfu"):
             runs[Path(record["config"]).stem] = record
@@ -171,7 +185,7 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     per_token = training_flops_per_token(params - position_params, shape[0], shape[1], config.seq_len)
     measured = measured_runs()
     configs = []
-    for path in sorted((REPO / "ds_configs").glob("*.json")):
+    for path in sorted((p for p in CONFIGS.iterdir() if p.name.endswith(".json")), key=lambda p: p.name):
         ds = load_ds_config(path)
         micros = [config.micro_batch_size] if config.micro_batch_size else [32, 16, 8, 4, 2, 1]
         for micro in micros:
@@ -190,7 +204,7 @@ def plan(config: PlanConfig) -> dict[str, Any]:
                  "gpu_gib": {k: v / GIB for k, v in memory.items() if k != "model_states_cpu"},
                  "host_gib": host / GIB, "nvme_gib": nvme / GIB, "fits": all(fits.values()),
                  "fits_detail": fits, "mfu": mfu,
-                 "mfu_source": "--mfu" if config.mfu else (f"measured: {MEASURED.relative_to(REPO)}/onecard-"
+                 "mfu_source": "--mfu" if config.mfu else (f"measured: {MEASURED_AT}/onecard-"
                                                           f"{path.stem}.json" if run else None)}
         if mfu:
             seconds = per_token * tokens / (mfu * gpu["peak_bf16_tflops"] * 1e12)
@@ -248,7 +262,7 @@ def run(config: PlanConfig) -> dict[str, Any]:
             raise PipelineError("no shipped config fits this card and machine, so there is none to write: add "
                                 "host RAM or NVMe space, lower --seq-len, or pick a smaller --preset.")
         chosen = next(c for c in result["configs"] if c["config"] == result["recommended"])
-        ds = load_ds_config(REPO / chosen["config"])
+        ds = load_ds_config(CONFIGS / Path(chosen["config"]).name)
         ds.update(train_micro_batch_size_per_gpu=chosen["micro_batch_size"],
                   gradient_accumulation_steps=chosen["grad_accum"])
         config.write_config.write_text(json.dumps(ds, indent=2) + "\n")
@@ -258,8 +272,8 @@ def run(config: PlanConfig) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    stage_main(PlanConfig, run)
+def main(argv: list[str] | None = None) -> None:
+    stage_main(PlanConfig, run, argv)
 
 
 if __name__ == "__main__":

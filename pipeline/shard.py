@@ -8,7 +8,7 @@
 Each document goes to val or train by a keyed hash of its token ids (so the split does not depend on
 document order or on how the corpus was split into parts, and duplicate documents land on the same side).
 Documents are written in a seeded random order, streamed into shards of --shard-tokens tokens (format in
-`pipeline/shards.py`); `index.json` lists them with token and document counts and checksums. Memory does not
+`pipeline/shard_format.py`); `index.json` lists them with token and document counts and checksums. Memory does not
 grow with the corpus: tokens and document offsets are memory-mapped, the split is recomputed from each
 document's hash as it is written, and the order is a keyed bijection of the document numbers (a Feistel
 cipher), computed a block at a time instead of held as a permutation array.
@@ -17,7 +17,6 @@ cipher), computed a block at a time instead of held as a permutation array.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -38,13 +37,21 @@ from pipeline.artifacts import (
     verify_files,
     write_json_atomic,
 )
-from pipeline.config import DataDir, PipelineError, StageConfig, part_corpus, stage_main
-from pipeline.shards import ShardHeader, ShardWriter, read_shard, read_token_part, token_dtype, token_parts
+from pipeline.shard_format import (
+    INDEX,
+    ShardHeader,
+    ShardWriter,
+    load_index,
+    read_shard,
+    read_token_part,
+    token_dtype,
+    token_parts,
+)
+from pipeline.stage import DataDir, PipelineError, StageConfig, part_corpus, stage_main
 
 log = logging.getLogger("onecard")
 
 FORMAT_VERSION = 1
-INDEX = "index.json"
 SPLITS = ("train", "val")
 
 
@@ -290,22 +297,9 @@ def verify(shards_dir: Path) -> Path:
     return shards_dir
 
 
-def load_index(shards_dir: Path, checksums: bool = True) -> dict[str, Any]:
-    """The shard index of a shard stage output, with every shard's header checked against it."""
-    manifest = read_manifest(shards_dir, "shard")
-    verify_files(shards_dir, manifest, checksums=checksums)
-    index = json.loads((shards_dir / INDEX).read_text())
-    for entry in index["shards"]:
-        header, _ = read_shard(shards_dir / entry["file"])
-        if (header.tokens, header.documents, header.vocab_size) != (
-                entry["tokens"], entry["documents"], index["vocab_size"]):
-            raise PipelineError(
-                f"{shards_dir / entry['file']} does not match {shards_dir / INDEX} (tokens {header.tokens} vs "
-                f"{entry['tokens']}, documents {header.documents} vs {entry['documents']}, vocabulary "
-                f"{header.vocab_size} vs {index['vocab_size']}). Rebuild with {how_to_run('shard', force=True)}."
-            )
-    return index
+def main(argv: list[str] | None = None) -> None:
+    stage_main(ShardConfig, run, argv)
 
 
 if __name__ == "__main__":
-    stage_main(ShardConfig, run)
+    main()

@@ -14,11 +14,9 @@ interrupted run resumes at the first part that was not finished.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
-import re
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -30,18 +28,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.artifacts import StageOutput, read_manifest, require_free_space, verify_files, write_json_atomic
-from pipeline.config import DataDir, PipelineError, StageConfig, part_corpus, stage_main
-from pipeline.download import read_documents
-from pipeline.shards import TokenPartWriter, read_token_part, token_dtype, token_parts
+from pipeline.artifacts import StageOutput, read_manifest, require_free_space, verify_files
+from pipeline.documents import document_parts, document_text
+from pipeline.shard_format import TokenPartWriter, read_token_part, token_dtype, token_parts
+from pipeline.stage import DataDir, StageConfig, part_corpus, stage_main
+from pipeline.tokenizer import build_tokenizer, encode, tiktoken_encoding, tokenizer_info
 
 log = logging.getLogger("onecard")
 
 FORMAT_VERSION = 1
-EOT = "<|endoftext|>"
-# GPT-2's pre-tokenizer regex, as OpenAI released it (and as `tokenizers`' ByteLevel uses it)
 SAMPLE_DOCUMENTS, SAMPLE_CHARS = 64, 20_000
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 @dataclass
@@ -54,165 +50,6 @@ class TokenizeConfig(StageConfig):
     batch_bytes: int = field(default=8 << 20, metadata={"help": "bytes of text encoded at a time (bounds memory)"})
     max_tokens: int | None = field(
         default=None, metadata={"help": "stop after this many tokens (at the end of the document that reaches it)"})
-
-
-def tokenizer_name(spec: str, corpus: str) -> str:
-    if spec.startswith("bpe:"):
-        return f"{corpus}-bpe{spec[4:]}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(spec.rstrip("/")).name).strip("-.") or "tokenizer"
-
-
-def _train_bpe(vocab_size: int, raw_dir: Path) -> Any:
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        read_documents(raw_dir), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT], show_progress=False
-    )
-    return bpe._tokenizer
-
-
-def _no_eot(spec: str) -> PipelineError:
-    return PipelineError(f"tokenizer {spec!r} has no {EOT} token; onecard separates documents with it. "
-                         "Use a GPT-2-style tokenizer, or train one with --tokenizer bpe:VOCAB_SIZE.")
-
-
-def _gpt2_files(folder: Path, spec: str) -> Any:
-    """GPT-2's original release format, vocab.json + merges.txt, as a `tokenizers` byte-level BPE."""
-    from tokenizers import AddedToken, ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    if bpe.token_to_id(EOT) is None:
-        raise _no_eot(spec)
-    bpe.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])  # keeps its id, now special
-    return bpe._tokenizer
-
-
-def _save(backend: Any, folder: Path) -> None:
-    """A `tokenizers` tokenizer as a Hugging Face tokenizer folder that AutoTokenizer loads."""
-    backend.save(str(folder / "tokenizer.json"))
-    write_json_atomic(folder / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
-        "clean_up_tokenization_spaces": False})
-
-
-def _save_pretrained(spec: str, folder: Path) -> None:
-    """A tokenizer of the Hugging Face hub, or a local folder with tokenizer.json, copied through transformers."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise PipelineError(
-            f"cannot load tokenizer {spec!r} ({error}). Give a hub name you can reach (e.g. gpt2), a local folder "
-            "with tokenizer.json or vocab.json + merges.txt, or bpe:VOCAB to train one offline."
-        ) from error
-    tokenizer.save_pretrained(folder)
-
-
-def build_tokenizer(config: TokenizeConfig, corpus: str, raw_dir: Path) -> Path:
-    """The tokenizer folder for this corpus, trained or fetched once and reused afterwards."""
-    spec = config.tokenizer
-    params: dict[str, Any] = {"spec": spec}
-    inputs = {}
-    if spec.startswith("bpe:"):
-        if not spec[4:].isdigit() or int(spec[4:]) < 258:
-            raise PipelineError(f"--tokenizer {spec}: the vocabulary size must be an integer of at least 258.")
-        inputs["raw"] = raw_dir  # a trained tokenizer depends on the corpus it was trained on
-    elif Path(spec).expanduser().is_dir():
-        folder = Path(spec).expanduser().resolve()
-        params["spec"] = str(folder)
-        params["files"] = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in folder.iterdir())
-    name = tokenizer_name(spec, corpus)
-    out = StageOutput(DataDir(config.data_dir).tokenizer(name), "tokenizer", FORMAT_VERSION, params, inputs,
-                      force=config.force)
-    if out.up_to_date():
-        return out.final
-    with out.building() as folder:
-        local = Path(spec).expanduser()
-        if spec.startswith("bpe:"):
-            _save(_train_bpe(int(spec[4:]), raw_dir), folder)
-        elif local.is_dir() and not (local / "tokenizer.json").is_file():
-            if not ((local / "vocab.json").is_file() and (local / "merges.txt").is_file()):
-                raise PipelineError(
-                    f"{local} holds neither tokenizer.json nor vocab.json + merges.txt: it is not a tokenizer folder.")
-            _save(_gpt2_files(local, spec), folder)
-        else:
-            _save_pretrained(str(local) if local.is_dir() else spec, folder)
-        from tokenizers import Tokenizer
-
-        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        if backend.token_to_id(EOT) is None:
-            raise _no_eot(spec)
-        out.counts = {"vocab_size": backend.get_vocab_size(with_added_tokens=True), "eot_id": backend.token_to_id(EOT)}
-    return out.final
-
-
-def load_tokenizer(folder: Path) -> Any:
-    """A tokenizer written by this stage (validated against its manifest)."""
-    from transformers import AutoTokenizer
-
-    verify_files(folder, read_manifest(folder, "tokenizer"))
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-
-
-def tokenizer_info(folder: Path) -> dict[str, Any]:
-    manifest = read_manifest(folder, "tokenizer")
-    return {"name": folder.name, **manifest["counts"]}
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the printable character that stands for each byte -> the byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
-def tiktoken_encoding(tokenizer_json: Path) -> Any:
-    """The same byte-level BPE as a tiktoken Encoding (about 1.5x the speed of `tokenizers` here), or None
-    when the tokenizer is not a plain GPT-2-style byte-level BPE."""
-    import tiktoken
-
-    spec = json.loads(Path(tokenizer_json).read_text())
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if (model.get("type") != "BPE" or spec.get("normalizer") or pre.get("type") != "ByteLevel"
-            or pre.get("add_prefix_space") or not pre.get("use_regex", True)):
-        return None
-    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    decoder = _byte_decoder()
-    try:
-        ranks = {bytes(decoder[c] for c in token): rank for token, rank in model["vocab"].items()
-                 if token not in specials}
-    except KeyError:
-        return None
-    if len({bytes([b]) for b in range(256)} - ranks.keys()):
-        return None
-    return tiktoken.Encoding(name=Path(tokenizer_json).parent.name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens=specials)
-
-
-def token_counter(spec: str, data_dir: Path) -> Callable[[str], int]:
-    """The number of tokens a text gets from `tokenize --tokenizer spec`, for `download --max-tokens`."""
-    if spec.startswith("bpe:"):
-        raise PipelineError(
-            f"--count-tokenizer {spec}: a bpe: tokenizer is trained on the download itself, so it cannot count "
-            "the download's tokens. Count with the GPT-2 tokenizer (--count-tokenizer gpt2, or a folder of its "
-            "files), or limit the download with --max-bytes."
-        )
-    folder = build_tokenizer(TokenizeConfig(data_dir=data_dir, tokenizer=spec), corpus="", raw_dir=Path())
-    fast = tiktoken_encoding(folder / "tokenizer.json")
-    if fast is not None:
-        return lambda text: len(_encode(fast, text))
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    return lambda text: len(backend.encode(text, add_special_tokens=False).ids)
 
 
 class Encoder:
@@ -236,7 +73,7 @@ class Encoder:
         if self.fast is not None:
             sample = [text[:SAMPLE_CHARS] for text in sample[:SAMPLE_DOCUMENTS]]
             expected = [np.asarray(e.ids) for e in self.backend.encode_batch_fast(sample, add_special_tokens=False)]
-            got = [_encode(self.fast, text) for text in sample]
+            got = [encode(self.fast, text) for text in sample]
             if any(len(a) != len(b) or (a != b).any() for a, b in zip(got, expected, strict=True)):
                 log.warning("tokenize: tiktoken disagrees with tokenizers on this tokenizer; using tokenizers")
                 self.fast = None
@@ -277,21 +114,13 @@ def _start_worker(tokenizer_json: str, dtype: str) -> None:
 
 def _encode_range(path: str, start: int, end: int) -> list[np.ndarray]:
     encoding, dtype = _worker
-    return [_encode(encoding, text).astype(dtype) for text in _read_texts(Path(path), start, end)]
-
-
-def _encode(encoding: Any, text: str) -> np.ndarray:
-    """Special tokens written in the text are special, as in `tokenizers`; the scan for them costs ~7%, so it is
-    only asked for when one of them occurs at all."""
-    if any(special in text for special in encoding.special_tokens_set):
-        return encoding.encode_to_numpy(text, allowed_special="all")
-    return encoding.encode_to_numpy(text, disallowed_special=())
+    return [encode(encoding, text).astype(dtype) for text in _read_texts(Path(path), start, end)]
 
 
 def _read_texts(path: Path, start: int, end: int) -> list[str]:
     with open(path, "rb") as f:
         f.seek(start)
-        return [json.loads(line)["text"] for line in f.read(end - start).splitlines()]
+        return [document_text(line) for line in f.read(end - start).splitlines()]
 
 
 def _line_bounds(path: Path, start: int, end: int, step: int) -> list[int]:
@@ -340,7 +169,7 @@ def run(config: TokenizeConfig) -> Path:
     raw_dir = data.raw(corpus)
     raw = read_manifest(raw_dir, "download")
     verify_files(raw_dir, raw, checksums=False)  # checksums below, while the encoder processes start
-    tokenizer_dir = build_tokenizer(config, corpus, raw_dir)
+    tokenizer_dir = build_tokenizer(config.tokenizer, data, corpus, raw_dir, force=config.force)
     info = tokenizer_info(tokenizer_dir)
     params = {"tokenizer": info["name"], "vocab_size": info["vocab_size"], "eot_id": info["eot_id"],
               "max_tokens": config.max_tokens}
@@ -351,7 +180,7 @@ def run(config: TokenizeConfig) -> Path:
     # at 2+ bytes of text per token (GPT-2 averages over 4 on English), the ids take at most this much
     require_free_space(out.final.parent, raw["counts"]["text_bytes"] / 2 * token_dtype(info["vocab_size"]).itemsize,
                        "the token ids")
-    parts = sorted(raw_dir.glob("docs_*.jsonl"))
+    parts = document_parts(raw_dir)
     sample = _read_texts(parts[0], 0, _line_bounds(parts[0], 0, parts[0].stat().st_size, 1 << 20)[1]) if parts else []
     encode = Encoder(tokenizer_dir, info["vocab_size"], sample)
     verify_files(raw_dir, raw)
@@ -382,5 +211,9 @@ def run(config: TokenizeConfig) -> Path:
     return out.final
 
 
+def main(argv: list[str] | None = None) -> None:
+    stage_main(TokenizeConfig, run, argv)
+
+
 if __name__ == "__main__":
-    stage_main(TokenizeConfig, run)
+    main()

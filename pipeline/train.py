@@ -26,7 +26,6 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.artifacts import input_entry, require_free_space, write_json_atomic
-from pipeline.config import DataDir, PipelineError, StageConfig, setup_logging, stage_main
 from pipeline.data import Prefetcher, TokenSequences, TrainBatches
 from pipeline.distributed import (
     StopSignal,
@@ -59,7 +58,8 @@ from pipeline.model import (
     preset_context,
     preset_parameters,
 )
-from pipeline.shard import load_index
+from pipeline.shard_format import load_index
+from pipeline.stage import DataDir, PipelineError, StageConfig, setup_logging, stage_main
 from pipeline.timing import PhaseTimer, StartupClock
 
 log = logging.getLogger("onecard")
@@ -308,6 +308,7 @@ def start_session(config: TrainConfig) -> Session | None:
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
+    checkpoint.check_deepspeed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     data, name = DataDir(config.data_dir), run_name(config)
     ckpt_dir, shards_dir = data.checkpoints(name), data.shards(config.corpus)
@@ -592,8 +593,8 @@ def _memory_summary(readings: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def main() -> None:
-    stage_main(TrainConfig, run)
+def main(argv: list[str] | None = None) -> None:
+    stage_main(TrainConfig, run, argv)
 
 
 if __name__ == "__main__":

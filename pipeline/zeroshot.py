@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.config import PipelineError
+from pipeline.stage import PipelineError
 
 HELLASWAG_HUB = ("Rowan/hellaswag", None, "validation")
 LAMBADA_HUB = ("EleutherAI/lambada_openai", "default", "test")

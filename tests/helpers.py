@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline import download, shard, tokenize
+from pipeline.tokenizer import gpt2_byte_chars
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [
@@ -59,9 +60,7 @@ def write_gpt2_format(folder: Path, texts: list[str], vocab_size: int) -> Path:
     folder.mkdir(parents=True)
     bpe.save_model(str(folder))
     merges = [line.split() for line in (folder / "merges.txt").read_text().splitlines()[1:] if line]
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    byte_chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    vocab = {char: i for i, char in enumerate(byte_chars)}
+    vocab = {char: i for i, char in enumerate(gpt2_byte_chars().values())}
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
     vocab["<|endoftext|>"] = len(vocab)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import MANIFEST, StageOutput, read_manifest, sha256_file, verify_files
-from pipeline.config import PipelineError
+from pipeline.stage import PipelineError
 
 
 def build(final: Path, params: dict, text: str = "hello", **options) -> StageOutput:

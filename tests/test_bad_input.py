@@ -15,7 +15,7 @@ from helpers import REPO, rehash_shards, subprocess_env
 
 from pipeline import download, evaluate, shard, tokenize, train
 from pipeline.artifacts import sha256_file
-from pipeline.config import stage_main
+from pipeline.stage import stage_main
 
 STAGES = {"download": (download.DownloadConfig, download.run), "tokenize": (tokenize.TokenizeConfig, tokenize.run),
           "shard": (shard.ShardConfig, shard.run), "train": (train.TrainConfig, train.run),

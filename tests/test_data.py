@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import PipelineError
 from pipeline.data import Prefetcher, TokenSequences, TrainBatches
+from pipeline.stage import PipelineError
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from helpers import english_documents, write_jsonl
 
 from pipeline import download as download_stage
 from pipeline.artifacts import read_manifest
-from pipeline.config import PipelineError, corpus_name
-from pipeline.download import DownloadConfig, builtin_documents, read_documents, run
+from pipeline.documents import read_documents
+from pipeline.download import DownloadConfig, builtin_documents, run
+from pipeline.stage import PipelineError, corpus_name
 
 
 def download(data_dir: Path, source: str, **options) -> list[str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from pipeline.config import PipelineError
 from pipeline.dsconfig import check_nvme, describe, load_ds_config, merge_ds_config, offload_devices, precision
+from pipeline.stage import PipelineError
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
@@ -29,14 +29,14 @@ def test_shipped_configs_are_valid_deepspeed_json(path: Path) -> None:
 
     ds = load_ds_config(path)
     parsed = DeepSpeedConfig(json.loads(path.read_text()))
-    assert parsed.zero_optimization_stage == ds["zero_optimization"]["stage"] in (2, 3)
+    assert parsed.zero_optimization_stage == ds["zero_optimization"]["stage"] in (1, 2, 3)
     assert ds["optimizer"]["type"] == "AdamW" and "scheduler" not in ds
     assert ds["gradient_clipping"] == 1.0 and precision(ds) == "bf16"
 
 
 def test_config_offload_layout() -> None:
     layout = {p.stem: offload_devices(load_ds_config(p)) for p in CONFIGS}
-    assert layout["zero2_offload"] == ("none", "cpu")
+    assert layout["zero1_offload"] == layout["zero2_offload"] == ("none", "cpu")
     assert layout["zero3_offload"] == ("cpu", "cpu")
     assert layout["zero3_nvme"] == ("nvme", "nvme")
 

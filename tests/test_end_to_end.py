@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, subprocess_env
 
-from pipeline.config import DataDir
+from pipeline.stage import DataDir
 
 STAGE_OUTPUTS = ["raw/builtin", "tokenizer/builtin-bpe4096", "tokens/builtin", "shards/builtin",
                  "checkpoints/{run}", "eval/{run}", "export/{run}"]

@@ -14,11 +14,11 @@ import pytest
 import torch
 from helpers import REPO, english_documents, subprocess_env
 
-from pipeline.config import PipelineError
 from pipeline.data import TokenSequences
 from pipeline.evaluate import EvaluateConfig, run
 from pipeline.metrics import read_metrics
-from pipeline.shard import load_index
+from pipeline.shard_format import load_index
+from pipeline.stage import PipelineError
 from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
 

@@ -19,9 +19,9 @@ from helpers import REPO, english_documents, subprocess_env, write_jsonl
 
 from pipeline import checkpoint
 from pipeline.checkpoint import latest_step, latest_tag, load_weights
-from pipeline.config import PipelineError
 from pipeline.metrics import Metrics, read_metrics
 from pipeline.model import TrainingModel
+from pipeline.stage import PipelineError
 from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
 
@@ -249,15 +249,15 @@ def test_a_disk_that_fills_during_a_save_keeps_the_previous_checkpoint(data_copy
 
 def test_a_disk_that_fills_during_a_data_stage_gives_a_clear_exit(data_copy: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture) -> None:
-    from pipeline import shards, tokenize
-    from pipeline.config import stage_main
+    from pipeline import shard_format, tokenize
+    from pipeline.stage import stage_main
 
     before = tree_digest(data_copy / "tokens" / "builtin")
 
-    def full(self: shards.TokenPartWriter, documents: list) -> int:
+    def full(self: shard_format.TokenPartWriter, documents: list) -> int:
         raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / f"{self.name}.ids"))
 
-    monkeypatch.setattr(shards.TokenPartWriter, "add", full)
+    monkeypatch.setattr(shard_format.TokenPartWriter, "add", full)
     with pytest.raises(SystemExit) as exit_info:
         stage_main(tokenize.TokenizeConfig, tokenize.run,
                    ["--data-dir", str(data_copy), "--tokenizer", "bpe:512", "--force"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline import hardware
-from pipeline.config import PipelineError
 from pipeline.hardware import GIB, MemoryProbe, cap_gpu_memory, lookup_gpu
+from pipeline.stage import PipelineError
 
 
 @pytest.mark.parametrize(("name", "tflops"), [

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import PipelineError, stage_main
 from pipeline.dsconfig import load_ds_config
 from pipeline.model import build_model, flops_per_token, parameter_count, preset_parameters
 from pipeline.plan import (
@@ -21,6 +20,7 @@ from pipeline.plan import (
     run,
     token_count,
 )
+from pipeline.stage import PipelineError, stage_main
 
 
 def test_the_known_compute_budgets() -> None:
@@ -101,3 +101,38 @@ def test_an_unknown_card_needs_its_numbers() -> None:
     assert result["gpu"] == {"name": "Voodoo 5", "memory_gib": 16, "peak_bf16_tflops": 100, "watts": None}
     assert all(c.get("energy_kwh") is None for c in result["configs"])
     assert max(c["gpu_gib"]["total"] for c in result["configs"] if c["fits"]) <= 16
+
+
+def test_a_plain_install_plans_like_the_source_tree(tmp_path: Path) -> None:
+    """`pip install` of the wheel (not editable) into a fresh venv, run from another folder: the planner finds the
+    shipped configs and the GPU-host measurements inside the package."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    # onecard's dependencies from this environment (a plain path entry: its editable onecard is not loaded)
+    (site / "dependencies.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    wheel = next((tmp_path / "dist").glob("onecard-*.whl"))
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run([str(venv / "bin" / "onecard"), "plan", "--preset", "gpt2-xl", "--gpu", "RTX 4070 Ti",
+                             "--json", "plan.json"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((elsewhere / "plan.json").read_text())
+    configs = {Path(c["config"]).stem: c for c in report["configs"]}
+    assert set(configs) == {p.stem for p in (REPO / "ds_configs").glob("*.json")}
+    assert configs["zero2_offload"]["mfu"] == pytest.approx(0.094, abs=0.001)  # the H100 measurement
+    located = subprocess.run([str(venv / "bin" / "python"), "-c", "import pipeline; print(pipeline.__file__)"],
+                             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60).stdout
+    assert located.startswith(str(site))  # the installed package, not the source tree

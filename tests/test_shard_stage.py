@@ -14,9 +14,9 @@ from helpers import english_documents, prepare, rehash_shards, write_jsonl
 
 from pipeline import shard as shard_stage
 from pipeline.artifacts import read_manifest
-from pipeline.config import PipelineError
-from pipeline.shard import ShardConfig, load_index, run, shuffled_order
-from pipeline.shards import read_shard, read_token_part
+from pipeline.shard import ShardConfig, run, shuffled_order
+from pipeline.shard_format import load_index, read_shard, read_token_part
+from pipeline.stage import PipelineError
 
 
 @pytest.fixture()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import PipelineError
-from pipeline.shards import HEADER_BYTES, MAGIC, ShardWriter, read_shard, token_dtype, write_shard
+from pipeline.shard_format import HEADER_BYTES, MAGIC, ShardWriter, read_shard, token_dtype, write_shard
+from pipeline.stage import PipelineError
 
 
 def documents(vocab_size: int, seed: int = 0) -> list[np.ndarray]:

@@ -12,11 +12,13 @@ import pytest
 from helpers import REPO, english_documents, subprocess_env, write_gpt2_format, write_jsonl
 
 from pipeline.artifacts import read_manifest
-from pipeline.config import PipelineError
-from pipeline.download import DownloadConfig, read_documents
+from pipeline.documents import read_documents
+from pipeline.download import DownloadConfig
 from pipeline.download import run as download
-from pipeline.shards import read_token_part
-from pipeline.tokenize import EOT, TokenizeConfig, load_tokenizer, run
+from pipeline.shard_format import read_token_part
+from pipeline.stage import PipelineError
+from pipeline.tokenize import TokenizeConfig, run
+from pipeline.tokenizer import EOT, load_tokenizer
 
 TEXTS = [*english_documents(60, 40), "Unicode survives: naïve café — ünïcödé ✓", "a<|endoftext|>b"]
 
@@ -162,7 +164,7 @@ def test_download_max_tokens_counts_with_the_tokenizer_that_tokenize_uses(tmp_pa
 
 
 def test_an_interrupted_run_resumes_at_the_unfinished_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import download, shards
+    from pipeline import download, shard_format
 
     monkeypatch.setattr(download, "PART_BYTES", 4000)  # several raw parts
     source = write_jsonl(tmp_path / "docs.jsonl", english_documents(80, 40))
@@ -172,19 +174,19 @@ def test_an_interrupted_run_resumes_at_the_unfinished_part(tmp_path: Path, monke
     run(TokenizeConfig(data_dir=tmp_path / "a", corpus="docs", tokenizer="bpe:300"))  # uninterrupted
 
     closes = []
-    original_close = shards.TokenPartWriter.close
+    original_close = shard_format.TokenPartWriter.close
 
-    def crash_on_second_part(writer: shards.TokenPartWriter) -> dict:
+    def crash_on_second_part(writer: shard_format.TokenPartWriter) -> dict:
         closes.append(writer.name)
         if len(closes) == 2:
             raise KeyboardInterrupt  # as if killed while writing part 1
         return original_close(writer)
 
-    monkeypatch.setattr(shards.TokenPartWriter, "close", crash_on_second_part)
+    monkeypatch.setattr(shard_format.TokenPartWriter, "close", crash_on_second_part)
     with pytest.raises(KeyboardInterrupt):
         run(TokenizeConfig(data_dir=tmp_path / "b", corpus="docs", tokenizer="bpe:300"))
     assert not (tmp_path / "b" / "tokens" / "docs").exists()  # nothing that looks finished
-    monkeypatch.setattr(shards.TokenPartWriter, "close", lambda writer: (closes.append(writer.name),
+    monkeypatch.setattr(shard_format.TokenPartWriter, "close", lambda writer: (closes.append(writer.name),
                                                                          original_close(writer))[1])
     closes.clear()
     run(TokenizeConfig(data_dir=tmp_path / "b", corpus="docs", tokenizer="bpe:300"))

@@ -14,12 +14,12 @@ import torch
 from helpers import REPO, english_documents, prepare, subprocess_env, write_jsonl
 
 from pipeline.checkpoint import latest_tag, load_weights
-from pipeline.config import PipelineError
 from pipeline.data import TokenSequences, TrainBatches
 from pipeline.dsconfig import load_ds_config
 from pipeline.metrics import read_metrics
 from pipeline.model import build_model, lm_loss, optimizer_groups
-from pipeline.shard import load_index
+from pipeline.shard_format import load_index
+from pipeline.stage import PipelineError
 from pipeline.train import TrainConfig, lr_schedule
 from pipeline.train import run as train_run
 
@@ -332,3 +332,17 @@ def test_a_hostfile_launch_on_each_node_without_ssh(data_copy: Path, tmp_path: P
     run_dir = data_copy / "checkpoints" / "nodes"
     assert json.loads((run_dir / "run.json").read_text())["identity"]["world_size"] == 2
     assert latest_tag(run_dir) == "step_00000002"
+
+
+def test_a_deepspeed_other_than_the_pinned_one_is_refused(data_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from pipeline import checkpoint
+
+    checkpoint.check_deepspeed()  # the installed one is the pinned one
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.21.0" if name == "deepspeed" else real(name))
+    with pytest.raises(PipelineError, match=r"DeepSpeed 0\.21\.0 is installed, but onecard is tested with "
+                                            r"deepspeed==0\.19\.8.*pip install 'deepspeed==0\.19\.8'"):
+        train(data_copy, "zero2_offload", "pinned")
+    assert not (data_copy / "checkpoints" / "pinned").exists()

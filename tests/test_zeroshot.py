@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import PipelineError
 from pipeline.model import build_model
+from pipeline.stage import PipelineError
 from pipeline.zeroshot import (
     hellaswag,
     hellaswag_items,

@@ -1,4 +1,5 @@
-"""Token storage formats: the binary training shard, and the per-document token parts of the tokenize stage.
+"""Token storage formats: the binary training shard and its index, and the per-document token parts of the
+tokenize stage.
 
 A shard is a 64-byte little-endian header followed by the flat token array::
 
@@ -19,6 +20,7 @@ array with numpy (no pickle) after checking the magic, version and that the file
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -27,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts import how_to_run
-from pipeline.config import PipelineError
+from pipeline.artifacts import how_to_run, read_manifest, verify_files
+from pipeline.stage import PipelineError
 
+INDEX = "index.json"  # the shard stage's list of shards, beside them
 MAGIC = b"ONECARD\x00"
 VERSION = 1
 HEADER_BYTES = 64
@@ -188,3 +191,20 @@ def read_token_part(folder: Path, name: str, vocab_size: int) -> tuple[np.ndarra
         )
     ids = np.memmap(path, dtype=dtype, mode="r") if offsets[-1] else np.zeros(0, dtype=dtype)
     return ids, offsets
+
+
+def load_index(shards_dir: Path, checksums: bool = True) -> dict[str, Any]:
+    """The shard index of a shard stage output, with every shard's header checked against it."""
+    manifest = read_manifest(shards_dir, "shard")
+    verify_files(shards_dir, manifest, checksums=checksums)
+    index = json.loads((shards_dir / INDEX).read_text())
+    for entry in index["shards"]:
+        header, _ = read_shard(shards_dir / entry["file"])
+        if (header.tokens, header.documents, header.vocab_size) != (
+                entry["tokens"], entry["documents"], index["vocab_size"]):
+            raise PipelineError(
+                f"{shards_dir / entry['file']} does not match {shards_dir / INDEX} (tokens {header.tokens} vs "
+                f"{entry['tokens']}, documents {header.documents} vs {entry['documents']}, vocabulary "
+                f"{header.vocab_size} vs {index['vocab_size']}). Rebuild with {how_to_run('shard', force=True)}."
+            )
+    return index

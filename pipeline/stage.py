@@ -138,12 +138,21 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
 ConfigT = TypeVar("ConfigT")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_config(cls: type[ConfigT], argv: Sequence[str] | None = None) -> ConfigT:
     """A config dataclass from the command line: one flag per field (`--max-steps` or `--max_steps`), booleans as
     `--flag` / `--no-flag`, `Literal` fields as choices. (Not transformers' HfArgumentParser: importing
     transformers costs every stage seconds of start-up.)"""
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_DefaultsHelp)
     hints = get_type_hints(cls)
     for item in fields(cls):
         flags = [f"--{item.name.replace('_', '-')}"] + ([f"--{item.name}"] if "_" in item.name else [])
