@@ -3,6 +3,7 @@
 #
 #   make run                 install, then download -> tokenize -> shard -> train -> evaluate
 #   make test                install, then lint and run the test suite
+#   make test-fast           the tests that need no DeepSpeed engine (under 2 minutes)
 #   make train PRESET=gpt2-xl CONFIG=ds_configs/zero3_nvme.json STEPS=1000
 #   make tensorboard         serve data/runs on http://127.0.0.1:6006
 #   make plan PRESET=gpt2-xl PLAN_ARGS='--gpu "RTX 4070 Ti" --host-ram-gib 64'   will it fit, how long
@@ -16,6 +17,7 @@ CONFIG    ?= ds_configs/zero3_offload.json
 STEPS     ?= 300
 # <corpus>-<preset>-<config>-<date the run started>: the newest such run, or today's (pipeline.stage.DataDir)
 RUN       ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.stage import DataDir; print(DataDir(sys.argv[1]).default_run(*sys.argv[2:]))' '$(DATA)' '$(CORPUS)' '$(PRESET)' '$(CONFIG)')
+DOWNLOAD_ARGS ?=
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 PLAN_ARGS ?=
@@ -40,7 +42,7 @@ TOKENS := $(DATA)/tokens/$(CORPUS)/manifest.json
 SHARDS := $(DATA)/shards/$(CORPUS)/manifest.json
 CKPT   := $(DATA)/checkpoints/$(RUN)/manifest.json
 
-.PHONY: install run download tokenize shard verify train evaluate test lint tensorboard clean-run plan
+.PHONY: install run download tokenize shard verify train evaluate test test-fast lint tensorboard clean-run plan
 
 install: $(INSTALLED)
 
@@ -58,7 +60,7 @@ $(TEST_INSTALLED): $(INSTALLED)
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
-DOWNLOAD = $(PY) -m pipeline.download --source $(SOURCE) --corpus $(CORPUS)
+DOWNLOAD = $(PY) -m pipeline.download --source $(SOURCE) --corpus $(CORPUS) $(DOWNLOAD_ARGS)
 TOKENIZE = $(PY) -m pipeline.tokenize --corpus $(CORPUS) --tokenizer $(TOKENIZER)
 SHARD    = $(PY) -m pipeline.shard --corpus $(CORPUS)
 TRAIN    = $(VENV)/bin/deepspeed launch/train.py --deepspeed $(CONFIG) --corpus $(CORPUS) --preset $(PRESET) \
@@ -98,6 +100,11 @@ test: $(TEST_INSTALLED)
 	sh launch/system_deps.sh $(PY)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The tests that need no DeepSpeed engine and no whole-pipeline run: feedback in under 2 minutes while working.
+test-fast: $(TEST_INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(TEST_INSTALLED)
 	$(PY) -m ruff check .

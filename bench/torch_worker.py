@@ -18,10 +18,8 @@ import torch
 from common import BenchConfig, StepLog, train_batches, write_result
 
 from pipeline.hardware import cap_gpu_memory
-from pipeline.model import TrainingModel, build_model
+from pipeline.model import LOSS_CHUNK_TOKENS, TrainingModel, build_model
 from pipeline.stage import parse_config
-
-LOSS_CHUNK_TOKENS = 2048
 
 
 def build(config: BenchConfig, vocab_size: int, eot_id: int, device: torch.device) -> torch.nn.Module:

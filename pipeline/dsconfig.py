@@ -81,7 +81,6 @@ def merge_ds_config(
     source: Path | str,
     *,
     world_size: int,
-    max_steps: int,
     data_dir: Path,
     run: str,
     nvme_path: str | None = None,
@@ -89,7 +88,6 @@ def merge_ds_config(
     grad_accum: int | None = None,
     precision_override: str | None = None,
     lr: float | None = None,
-    warmup_steps: int | None = None,
 ) -> dict[str, Any]:
     """The config DeepSpeed will run: `ds` with the command-line values merged in, validated.
 
@@ -118,11 +116,6 @@ def merge_ds_config(
         )
     if lr is not None:
         ds["optimizer"].setdefault("params", {})["lr"] = lr
-    if "scheduler" in ds:
-        scheduler = ds["scheduler"].setdefault("params", {})
-        scheduler["total_num_steps"] = max_steps
-        if warmup_steps is not None:
-            scheduler["warmup_num_steps"] = warmup_steps
     _check_batch(ds, source, world_size)
     if ds.get("bf16", {}).get("enabled") is True and ds.get("fp16", {}).get("enabled") is True:
         raise PipelineError(f"{source} enables both bf16 and fp16; enable one (or neither, for fp32).")

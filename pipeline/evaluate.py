@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, zeroshot
 from pipeline.artifacts import StageOutput, sha256_file, write_json_atomic
 from pipeline.data import TokenSequences
-from pipeline.model import build_model, lm_loss
+from pipeline.model import LOSS_CHUNK_TOKENS, build_model, lm_loss
 from pipeline.report import markdown, plot_loss, read_curves
 from pipeline.shard_format import load_index
 from pipeline.stage import DataDir, PipelineError, StageConfig, stage_main
@@ -37,7 +37,6 @@ log = logging.getLogger("onecard")
 
 FORMAT_VERSION = 1
 PROMPTS = ("The", "In Python, a list is", "This function returns")
-LOSS_CHUNK_TOKENS = 2048  # the full logits of a GPT-2 XL batch would not fit beside the model on a small card
 
 
 @dataclass

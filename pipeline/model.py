@@ -11,6 +11,11 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from pipeline.stage import PipelineError
 
+GPT2_VOCAB_SIZE = 50257  # OpenAI's GPT-2 BPE, <|endoftext|> last
+# The output layer and the loss run over this many positions at a time: the fp32 logits of a whole GPT-2 batch
+# (1.6 GB for 8 x 1024 tokens) would not fit beside the model on a small card.
+LOSS_CHUNK_TOKENS = 2048
+
 # (layers, width, heads, context). gpt2* are OpenAI's four GPT-2 sizes; tiny is for CPU runs and tests.
 PRESETS: dict[str, tuple[int, int, int, int]] = {
     "tiny": (6, 192, 6, 256),
@@ -143,7 +148,7 @@ def training_flops_per_token(params: float, n_layer: int, n_embd: int, seq_len: 
     return 6 * params + 12 * n_layer * n_embd * seq_len
 
 
-def preset_parameters(preset: str, vocab_size: int = 50257) -> int:
+def preset_parameters(preset: str, vocab_size: int = GPT2_VOCAB_SIZE) -> int:
     """A preset's parameter count, without building it: token and position embeddings, 12h^2 + 13h per block
     (attention, MLP, two LayerNorms, biases included), the final LayerNorm; the output layer is tied."""
     n_layer, n_embd, _, n_positions = preset_shape(preset)

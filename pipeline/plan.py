@@ -25,7 +25,13 @@ from typing import Any
 
 from pipeline.dsconfig import load_ds_config, offload_devices
 from pipeline.hardware import GIB, GPUS, lookup_gpu
-from pipeline.model import preset_parameters, preset_shape, training_flops_per_token
+from pipeline.model import (
+    GPT2_VOCAB_SIZE,
+    LOSS_CHUNK_TOKENS,
+    preset_parameters,
+    preset_shape,
+    training_flops_per_token,
+)
 from pipeline.stage import PipelineError, stage_main
 
 log = logging.getLogger("onecard")
@@ -46,13 +52,11 @@ def shipped(package: str, folder: str) -> Any:
 CONFIGS = shipped("pipeline.ds_configs", "ds_configs")
 MEASURED = shipped("pipeline.measured", MEASURED_AT)
 TOKENS_PER_PARAMETER = 20  # compute-optimal (Hoffmann et al., 2022)
-SECONDS_PER_YEAR = 365.25 * 24 * 3600
 # From the GPU-host measurement of GPT-2 XL (docs/BENCHMARKS.md): the allocator reserved 1.29x (ZeRO-2) and
 # 2.06x (ZeRO-3) of its peak allocation, and NVML charged the process 1.67 GiB beyond the reservation (CUDA
 # context, cuBLAS and NCCL workspaces).
 FRAGMENTATION = {2: 1.29, 3: 2.06}
 CONTEXT_GIB = 1.67
-LOSS_CHUNK_TOKENS = 2048  # train's default --loss-chunk-tokens
 ACTIVATION_BYTES_PER_LAYER = 34  # x batch x seq x width, bf16, flash attention (Korthikanti et al., 2022)
 
 
@@ -94,10 +98,6 @@ def token_count(text: str) -> float:
 def dense_training_flops(params: float, tokens: float) -> float:
     """6·N·D: a forward (2) and a backward (4) multiply-add per parameter per token."""
     return 6 * params * tokens
-
-
-def flops_in(seconds: float, peak_tflops: float, utilisation: float) -> float:
-    return seconds * peak_tflops * 1e12 * utilisation
 
 
 def card(config: PlanConfig) -> dict[str, Any]:
@@ -177,7 +177,7 @@ def host_and_disk_bytes(ds: dict[str, Any], params: float, model_states_cpu: flo
 def plan(config: PlanConfig) -> dict[str, Any]:
     """The plan as a dict: the inputs, one entry per shipped config, the recommendation and the compute."""
     shape = preset_shape(config.preset)
-    vocab_size = 50257
+    vocab_size = GPT2_VOCAB_SIZE
     params = config.params or preset_parameters(config.preset, vocab_size)
     gpu = card(config)
     tokens = TOKENS_PER_PARAMETER * params if config.tokens == "compute-optimal" else token_count(config.tokens)

@@ -96,14 +96,6 @@ class ShardWriter:
         self.close()
 
 
-def write_shard(path: Path, documents: list[np.ndarray], vocab_size: int, eot_id: int) -> ShardHeader:
-    """Write a whole shard from a list of documents (token id arrays)."""
-    with ShardWriter(path, vocab_size, eot_id) as writer:
-        for ids in documents:
-            writer.add_document(ids)
-        return writer.close()
-
-
 def read_shard(path: Path) -> tuple[ShardHeader, np.ndarray]:
     """Validate a shard's header and size, then memory-map its tokens (read-only)."""
     path = Path(path)

@@ -84,7 +84,7 @@ def part_corpus(corpus: str, part: str | None) -> str:
 
 
 class DataDir:
-    """The folders of the data-directory contract (see DESIGN.md); the only place that spells them."""
+    """The folders of the data-directory contract (docs/STAGES.md); the only place that spells them."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)

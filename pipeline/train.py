@@ -49,6 +49,7 @@ from pipeline.metrics import Metrics
 from pipeline.model import (
     FUSED_GELU,
     GPT2_GELU,
+    LOSS_CHUNK_TOKENS,
     TrainingModel,
     build_model,
     enable_activation_checkpointing,
@@ -95,8 +96,8 @@ class TrainConfig(StageConfig):
         default=True, metadata={"help": "PyTorch's fused tanh-GELU (--no-fused-gelu: GPT-2's op-by-op gelu_new, "
                                 "the same function)"})
     loss_chunk_tokens: int = field(
-        default=2048, metadata={"help": "compute the output layer and loss this many tokens at a time, so the "
-                                "full logits never exist (0: all at once)"})
+        default=LOSS_CHUNK_TOKENS, metadata={"help": "compute the output layer and loss this many tokens at a time, "
+                                             "so the full logits never exist (0: all at once)"})
     gpu_mem_cap: float | None = field(
         default=None, metadata={"help": "cap this process's GPU allocator at this many GiB (emulate a smaller card)"})
     peak_tflops: float | None = field(
@@ -145,9 +146,9 @@ def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name
     """The run's DeepSpeed config: the JSON with the command-line overrides merged in, checked for what
     this trainer needs before anything is allocated."""
     ds = merge_ds_config(
-        load_ds_config(config.deepspeed), config.deepspeed, world_size=world_size, max_steps=config.max_steps,
-        data_dir=data_root, run=name, nvme_path=config.nvme_path, micro_batch_size=config.micro_batch_size,
-        grad_accum=config.grad_accum, precision_override=config.precision, lr=config.lr,
+        load_ds_config(config.deepspeed), config.deepspeed, world_size=world_size, data_dir=data_root, run=name,
+        nvme_path=config.nvme_path, micro_batch_size=config.micro_batch_size, grad_accum=config.grad_accum,
+        precision_override=config.precision, lr=config.lr,
     )
     if "scheduler" in ds:
         raise PipelineError(

@@ -8,7 +8,10 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import download, shard, tokenize
+from pipeline.shard_format import ShardHeader, ShardWriter
 from pipeline.tokenizer import gpt2_byte_chars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,3 +82,11 @@ def rehash_shards(shards_dir: Path) -> None:
             path = shards_dir / entry[key]
             entry["sha256"], entry["bytes"] = sha256_file(path), path.stat().st_size
         (shards_dir / name).write_text(json.dumps(record))
+
+
+def write_shard(path: Path, documents: list[np.ndarray], vocab_size: int, eot_id: int) -> ShardHeader:
+    """A whole shard from a list of documents (token id arrays), through the shard stage's writer."""
+    with ShardWriter(path, vocab_size, eot_id) as writer:
+        for ids in documents:
+            writer.add_document(ids)
+        return writer.close()

@@ -120,6 +120,7 @@ def with_a_run(tmp_path_factory: pytest.TempPathFactory, builtin_data: Path) -> 
     return data
 
 
+@pytest.mark.slow  # the fixture trains one step with a DeepSpeed engine
 @pytest.mark.parametrize(("name", "setup", "stage", "arguments", "message"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_before_any_damage(with_a_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture,
                                                 monkeypatch: pytest.MonkeyPatch, name: str,

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, subprocess_env
 
+pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
+
 KEYS = {"system", "model", "config", "device", "gpu_mem_cap_gib", "seq_len", "tokens_per_second", "mfu",
         "peak_gpu_mem_nvml_gib", "peak_gpu_mem_reserved_gib", "peak_host_rss_gib", "steps", "first_loss",
         "last_loss", "status", "command", "date"}

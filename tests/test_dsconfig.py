@@ -15,7 +15,7 @@ CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 def merge(ds: dict, **options) -> dict:
-    defaults = {"world_size": 1, "max_steps": 10, "data_dir": Path("/data"), "run": "r"}
+    defaults = {"world_size": 1, "data_dir": Path("/data"), "run": "r"}
     return merge_ds_config(ds, "test.json", **{**defaults, **options})
 
 

@@ -13,6 +13,8 @@ from helpers import REPO, subprocess_env
 
 from pipeline.stage import DataDir
 
+pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
+
 STAGE_OUTPUTS = ["raw/builtin", "tokenizer/builtin-bpe4096", "tokens/builtin", "shards/builtin",
                  "checkpoints/{run}", "eval/{run}", "export/{run}"]
 SETTINGS = ("STEPS=12", "TRAIN_ARGS=--seq-len 64 --micro-batch-size 4 --checkpoint-every 6 --lr 3e-3")

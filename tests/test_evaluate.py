@@ -22,6 +22,8 @@ from pipeline.stage import PipelineError
 from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
 
+pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
+
 
 def train(data_dir: Path, run_name: str, config: str = "zero2_offload", **options) -> None:
     settings = {"seq_len": 32, "micro_batch_size": 4, "max_steps": 30, "lr": 3e-3, "warmup_steps": 3,

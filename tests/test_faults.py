@@ -57,6 +57,7 @@ def assert_complete_or_absent(ckpt_dir: Path) -> None:
         assert load_file(str(ckpt_dir / tag / checkpoint.WEIGHTS))
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(data_copy: Path) -> None:
     process = start(data_copy, "term", "--max-steps", "5000", "--checkpoint-every", "0")
     wait_for_steps(data_copy, "term", 3, process)
@@ -76,6 +77,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(data_copy: Path) -
     assert [m["step"] for m in read_metrics(data_copy / "runs" / "term")] == list(range(1, stopped + 3))
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_the_deepspeed_launcher_still_checkpoints(data_copy: Path) -> None:
     process = start(data_copy, "ctrl-c", "--max-steps", "5000", "--checkpoint-every", "0", launcher=True)
     wait_for_steps(data_copy, "ctrl-c", 3, process)
@@ -90,6 +92,7 @@ def test_ctrl_c_under_the_deepspeed_launcher_still_checkpoints(data_copy: Path) 
     assert_complete_or_absent(ckpt_dir)
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_without_a_partial_checkpoint(data_copy: Path) -> None:
     process = start(data_copy, "twice", "--max-steps", "5000", "--checkpoint-every", "2")
     wait_for_steps(data_copy, "twice", 3, process)
@@ -120,6 +123,7 @@ def train(data_dir: Path, run: str, **options) -> None:
                           **settings))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_copy: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     train(data_copy, "nan", max_steps=2)
@@ -133,6 +137,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_copy: Path
     assert set(good) == set(load_weights(data_copy / "checkpoints" / "nan")[1])
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_can_be_skipped(data_copy: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
     nan_at(3, monkeypatch)
@@ -144,6 +149,7 @@ def test_nonfinite_loss_can_be_skipped(data_copy: Path, monkeypatch: pytest.Monk
     assert all(torch.isfinite(value).all() for value in weights.values())
 
 
+@pytest.mark.slow
 def test_a_save_cut_short_leaves_the_previous_checkpoint_in_charge(data_copy: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     train(data_copy, "cut", max_steps=2)
@@ -162,6 +168,7 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_in_charge(data_copy: Pa
     load_weights(ckpt_dir)
 
 
+@pytest.mark.slow
 def test_each_checkpoint_has_its_own_manifest_and_the_run_manifest_lists_no_checkpoint(data_copy: Path) -> None:
     train(data_copy, "manifests", max_steps=4, checkpoint_every=2, keep_checkpoints=1)
     ckpt_dir = data_copy / "checkpoints" / "manifests"
@@ -219,6 +226,7 @@ def test_a_full_disk_stops_data_stages_before_they_write(data_copy: Path, monkey
     assert tree_digest(data_copy) == before  # not a byte changed, --force or not
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_training_before_it_starts(data_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     no_space(monkeypatch)
     with pytest.raises(PipelineError, match=r"the next checkpoint needs about \d+\.\d MB in .*checkpoints/full"):
@@ -228,6 +236,7 @@ def test_a_full_disk_stops_training_before_it_starts(data_copy: Path, monkeypatc
                               run="full-nvme", seq_len=32, micro_batch_size=2, max_steps=2, checkpoint_every=0))
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_a_save_keeps_the_previous_checkpoint(data_copy: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     train(data_copy, "fills", max_steps=2)
@@ -269,6 +278,7 @@ def test_a_disk_that_fills_during_a_data_stage_gives_a_clear_exit(data_copy: Pat
     assert (data_copy / "tokens" / ".builtin.partial").is_dir()  # what the next run resumes from
 
 
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_gives_the_uninterrupted_result(tmp_path: Path) -> None:
     """A few trials of bench/kill_bench.py (docs/RELIABILITY.md has the full tally): a data stage, and a
     checkpoint write, each killed with SIGKILL and run again."""

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_shard
 
-from pipeline.shard_format import HEADER_BYTES, MAGIC, ShardWriter, read_shard, token_dtype, write_shard
+from pipeline.shard_format import HEADER_BYTES, MAGIC, ShardWriter, read_shard, token_dtype
 from pipeline.stage import PipelineError
 
 

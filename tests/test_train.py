@@ -23,6 +23,8 @@ from pipeline.stage import PipelineError
 from pipeline.train import TrainConfig, lr_schedule
 from pipeline.train import run as train_run
 
+pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
+
 CONFIGS = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))
 SEQ_LEN = 32
 
