@@ -19,6 +19,8 @@ STEPS     ?= 300
 RUN       ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.stage import DataDir; print(DataDir(sys.argv[1]).default_run(*sys.argv[2:]))' '$(DATA)' '$(CORPUS)' '$(PRESET)' '$(CONFIG)')
 DOWNLOAD_ARGS ?=
 TRAIN_ARGS ?=
+# a free port for the launcher's rendezvous (its default, 29500, is taken by any other run on this machine)
+MASTER_PORT ?= $(shell python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 EVAL_ARGS ?=
 PLAN_ARGS ?=
 PORT      ?= 6006
@@ -63,7 +65,7 @@ $(TEST_INSTALLED): $(INSTALLED)
 DOWNLOAD = $(PY) -m pipeline.download --source $(SOURCE) --corpus $(CORPUS) $(DOWNLOAD_ARGS)
 TOKENIZE = $(PY) -m pipeline.tokenize --corpus $(CORPUS) --tokenizer $(TOKENIZER)
 SHARD    = $(PY) -m pipeline.shard --corpus $(CORPUS)
-TRAIN    = $(VENV)/bin/deepspeed launch/train.py --deepspeed $(CONFIG) --corpus $(CORPUS) --preset $(PRESET) \
+TRAIN    = $(VENV)/bin/deepspeed --master_port $(MASTER_PORT) --log_level warning launch/train.py --deepspeed $(CONFIG) --corpus $(CORPUS) --preset $(PRESET) \
            --run $(RUN) --max-steps $(STEPS) $(TRAIN_ARGS)
 
 run: download tokenize shard train evaluate

@@ -128,6 +128,12 @@ def zero_shot(config: EvaluateConfig, model: Any, tokenizer: Any, eot_id: int) -
 
 def run(config: EvaluateConfig) -> Path:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    # The stage's own lines and bars say what happens; transformers' padding advice (the export's pad token is
+    # the end-of-text token, which the validation text contains by design) and its save/load bars do not.
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
     data = DataDir(config.data_dir)
     name = resolve_run(data, config.run)

@@ -126,13 +126,32 @@ class DataDir:
         return self.root / "nvme" / run
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
-    """Console logging for the pipeline: rank 0 only, so N ranks do not print N copies of every line."""
+    """Console logging for the pipeline: rank 0 only, so N ranks do not print N copies of every line. Below
+    `level` (DEBUG), records go only to the files `log_to_file` adds."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+    handler.setLevel(level if rank == 0 else logging.ERROR)
     log.handlers[:] = [handler]
-    log.setLevel(level if rank == 0 else logging.ERROR)
+    log.setLevel(logging.DEBUG)
     log.propagate = False
+
+
+def log_to_file(path: Path) -> None:
+    """Everything, DEBUG included, also to `path`, and Python warnings (library deprecations and the like)
+    there only, not to the console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.DEBUG)
+    log.handlers = [h for h in log.handlers if not isinstance(h, logging.FileHandler)] + [handler]
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.handlers[:] = [handler]
+    warnings_log.propagate = False
 
 
 ConfigT = TypeVar("ConfigT")

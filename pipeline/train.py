@@ -5,7 +5,8 @@
 The DeepSpeed JSON decides ZeRO stage, offload, precision, batch sizes and AdamW hyper-parameters; the flags
 below may override the batch sizes, precision and learning rate, and the merged config is logged and saved
 with the checkpoints. The learning rate follows a linear warmup then a cosine decay to --min-lr-ratio.
-Checkpoints go to `checkpoints/<run>/`, TensorBoard events and `metrics.jsonl` to `runs/<run>/`; starting
+Checkpoints go to `checkpoints/<run>/`; TensorBoard events, `metrics.jsonl` and `train.log` (the console's lines
+plus what is left off it: the merged config, library warnings) to `runs/<run>/`; starting
 the same command again resumes from the latest checkpoint.
 """
 
@@ -60,7 +61,7 @@ from pipeline.model import (
     preset_parameters,
 )
 from pipeline.shard_format import load_index
-from pipeline.stage import DataDir, PipelineError, StageConfig, setup_logging, stage_main
+from pipeline.stage import DataDir, PipelineError, StageConfig, log_to_file, setup_logging, stage_main
 from pipeline.timing import PhaseTimer, StartupClock
 
 log = logging.getLogger("onecard")
@@ -327,6 +328,8 @@ def start_session(config: TrainConfig) -> Session | None:
         for folder in (ckpt_dir, data.runs(name), data.nvme(name)):
             shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
+    if rank == 0:
+        log_to_file(data.runs(name) / "train.log")
     _check_resume(ckpt_dir, identity)
     end_step = min(config.max_steps, config.stop_after or config.max_steps)
     if checkpoint.latest_step(ckpt_dir) >= end_step:

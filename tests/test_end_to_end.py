@@ -41,8 +41,22 @@ def files_outside(data_dir: Path) -> dict[str, int]:
 def made_and_outside(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int], dict[str, int]]:
     data_dir = tmp_path_factory.mktemp("make-run") / "data"
     before = files_outside(data_dir)
-    make(data_dir, "run", *SETTINGS)
+    result = make(data_dir, "run", *SETTINGS)
+    (data_dir / "console.txt").write_text(result.stdout + result.stderr)
     return data_dir, before, files_outside(data_dir)
+
+
+def test_the_console_shows_what_a_person_reads(made: Path) -> None:
+    """The plan of the run, the steps, the result; the merged config and library warnings go to train.log."""
+    console = (made / "console.txt").read_text()
+    lines = [line for line in console.replace("\r", "\n").splitlines() if line.strip()]
+    progress = [line for line in lines if "%|" in line]  # progress-bar frames
+    assert len(lines) - len(progress) < 60, console
+    assert "val loss" in console and "untrained model" in console and "start-up" in console
+    for noise in ("merged config", "FutureWarning", "attention_mask", "[launch.py", "[INFO] [runner.py"):
+        assert noise not in console, noise
+    train_log = (made / "runs" / run_of(made) / "train.log").read_text()
+    assert "merged config" in train_log and "step 12/12" in train_log
 
 
 @pytest.fixture(scope="module")
