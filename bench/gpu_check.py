@@ -10,7 +10,7 @@ the smaller of its own time cap and what is left of --budget; a run that would g
 is recorded as not run. Every record is `<out>/<label>.json` (train_bench's keys plus label, levers,
 tokens_per_step, startup_seconds), and `<out>/table.md` sets them side by side with each run's speed-up over
 the Trainer's row. Shared settings (preset, sequence length, precision, memory cap, data) are the driver's
-flags; --steps caps every run's steps (the tests run the whole list on CPU with the tiny preset).
+flags; --max-steps and --max-grad-accum cap every run's (the tests run the list on CPU with the tiny preset).
 """
 
 from __future__ import annotations
@@ -73,11 +73,13 @@ class CheckConfig(DriverConfig):
     budget: int = field(default=520, metadata={"help": "seconds for all runs together"})
     min_run_seconds: int = field(default=90, metadata={"help": "a run that would get less is not started"})
     max_steps: int | None = field(default=None, metadata={"help": "cap every run's steps (CPU tests)"})
+    max_grad_accum: int | None = field(default=None, metadata={"help": "cap every run's accumulation (CPU tests)"})
 
 
 def run_config(config: CheckConfig, run: Run, seconds: float) -> DriverConfig:
     steps = min(run.steps, config.max_steps or run.steps)
-    return replace(config, micro_batch_size=run.micro_batch_size, grad_accum=run.grad_accum, steps=steps,
+    grad_accum = min(run.grad_accum, config.max_grad_accum or run.grad_accum)
+    return replace(config, micro_batch_size=run.micro_batch_size, grad_accum=grad_accum, steps=steps,
                    onecard_args=f"{run.levers} {config.onecard_args}".strip(), timeout=int(seconds),
                    torch_compile=run.torch_compile)
 
