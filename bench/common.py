@@ -144,3 +144,25 @@ def write_result(path: Path, record: dict[str, Any]) -> None:
 def is_out_of_memory(error: BaseException | str) -> bool:
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return "OutOfMemoryError" in text or "out of memory" in text.lower()
+
+
+def number(value: Any, digits: int = 1) -> str:
+    """A table cell: the value with thousands separators, or "-" where there is none."""
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def memory_and_loss_cells(record: dict[str, Any]) -> str:
+    """The last columns of both benchmark tables: GPU peak (NVML, reserved), host RSS peak, first and last loss."""
+    return (f"{number(record.get('peak_gpu_mem_nvml_gib'), 2)} | {number(record.get('peak_gpu_mem_reserved_gib'), 2)} "
+            f"| {number(record.get('peak_host_rss_gib'), 2)} | {number(record.get('first_loss'), 3)} → "
+            f"{number(record.get('last_loss'), 3)} |")
+
+
+def write_table(out: Path, markdown: str) -> None:
+    """`<out>/table.md`, and the same on the console."""
+    (out / "table.md").write_text(markdown)
+    print(markdown)

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from common import base_record, write_result
+from common import base_record, memory_and_loss_cells, number, percent, write_result, write_table
 from train_bench import DriverConfig, run_system
 
 from pipeline.stage import parse_config
@@ -106,33 +106,24 @@ def check(config: CheckConfig) -> list[dict[str, Any]]:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    def number(value: Any, digits: int = 0) -> str:
-        return "-" if value is None else f"{value:,.{digits}f}"
-
     trainer = next((r.get("tokens_per_second") for r in records if r["label"] == "hf"), None)
-    lines = ["| run | what | status | steps | tokens/step | tokens/s | x Trainer | MFU | NVML GiB | reserved GiB | "
-             "host RSS GiB | start-up s | loss first → last |", "|" + "---|" * 13]
+    lines = ["| run | what | status | steps | tokens/step | tokens/s | x Trainer | MFU | start-up s "
+             "| GPU peak NVML GiB | GPU peak reserved GiB | host RSS peak GiB | loss first → last |", "|" + "---|" * 13]
     for r in records:
         speed = r.get("tokens_per_second")
-        mfu = None if r.get("mfu") is None else 100 * r["mfu"]
         lines.append(
             f"| {r['label']} | {r['what']} (`{r.get('levers') or '-'}`) | {r['status'][:40]} | {r.get('steps', 0)} | "
-            f"{number(r.get('tokens_per_step'))} | {number(speed)} | "
-            f"{number(speed / trainer if speed and trainer else None, 2)} | {number(mfu, 1)}{'%' if mfu else ''} | "
-            f"{number(r.get('peak_gpu_mem_nvml_gib'), 2)} | {number(r.get('peak_gpu_mem_reserved_gib'), 2)} | "
-            f"{number(r.get('peak_host_rss_gib'), 1)} | {number(r.get('startup_seconds'), 1)} | "
-            f"{number(r.get('first_loss'), 3)} → {number(r.get('last_loss'), 3)} |")
+            f"{number(r.get('tokens_per_step'), 0)} | {number(speed, 0)} | "
+            f"{number(speed / trainer if speed and trainer else None, 2)} | {percent(r.get('mfu'))} | "
+            f"{number(r.get('startup_seconds'), 1)} | {memory_and_loss_cells(r)}")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     config = parse_config(CheckConfig, sys.argv[1:])
     config.out.mkdir(parents=True, exist_ok=True)
-    records = check(config)
-    markdown = table(records)
-    (config.out / "table.md").write_text(markdown)
     (config.out / "settings.json").write_text(json.dumps({"argv": sys.argv[1:]}, indent=2) + "\n")
-    print(markdown)
+    write_table(config.out, table(check(config)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from common import REPO, BenchConfig, base_record, is_out_of_memory, model_flops, summarise, write_result
+from common import (
+    REPO,
+    BenchConfig,
+    base_record,
+    is_out_of_memory,
+    memory_and_loss_cells,
+    model_flops,
+    number,
+    percent,
+    summarise,
+    write_result,
+    write_table,
+)
 
 from pipeline.metrics import read_metrics
 from pipeline.shard_format import load_index
@@ -128,28 +140,18 @@ def run_system(config: DriverConfig, spec: str, label: str | None = None) -> dic
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    def number(value: Any, digits: int = 1) -> str:
-        return "-" if value is None else f"{value:,.{digits}f}"
-
     lines = ["| system | config | status | tokens/s | TFLOP/s | MFU | GPU peak NVML GiB | GPU peak reserved GiB "
              "| host RSS peak GiB | loss first → last |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        mfu = None if r.get("mfu") is None else 100 * r["mfu"]
-        losses = f"{number(r.get('first_loss'), 3)} → {number(r.get('last_loss'), 3)}"
         lines.append(f"| {r['system']} | {r['config']} | {r['status']} | {number(r.get('tokens_per_second'), 0)} | "
-                     f"{number(r.get('tflops'), 2)} | {number(mfu)}{'%' if mfu is not None else ''} | "
-                     f"{number(r.get('peak_gpu_mem_nvml_gib'), 2)} | {number(r.get('peak_gpu_mem_reserved_gib'), 2)} | "
-                     f"{number(r.get('peak_host_rss_gib'), 2)} | {losses} |")
+                     f"{number(r.get('tflops'), 2)} | {percent(r.get('mfu'))} | {memory_and_loss_cells(r)}")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     config = parse_config(DriverConfig, sys.argv[1:])
     config.out.mkdir(parents=True, exist_ok=True)
-    records = [run_system(config, spec) for spec in config.systems.split(",") if spec]
-    markdown = table(records)
-    (config.out / "table.md").write_text(markdown)
-    print(markdown)
+    write_table(config.out, table([run_system(config, spec) for spec in config.systems.split(",") if spec]))
 
 
 if __name__ == "__main__":
