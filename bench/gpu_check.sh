@@ -4,9 +4,10 @@
 #
 #     RUNS=hf,today,best,nvme bash bench/gpu_check.sh
 #
-# Writes under $OUT (default ./gpu-check-out): gpu-check/<run>.json and table.md, host.json, ops.json, and
-# torch_extensions/ (the ops built here: put that folder at .gpuhost/torch_extensions and the next call loads
-# them instead of building them again). Finishes within DEADLINE seconds (default 560) of its start.
+# Writes under $OUT (default ./gpu-check-out): gpu-check/<run>.json and table.md, host.json, ops.json. The ops
+# DeepSpeed builds go to .torch_extensions/ in the project (ignored by git), which the GPU host keeps between
+# calls while it stays warm: a second call loads them instead of building them (100+ MB: too big to carry).
+# Finishes within DEADLINE seconds (default 560) of its start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check-out}
@@ -20,10 +21,8 @@ mkdir -p "$OUT"
 source .gpuhost/bootstrap.sh
 export PATH=/tmp/site/bin:$PATH  # the deepspeed launcher, installed beside the packages
 # DeepSpeed's op builder cannot parse arch-specific entries such as 9.0a (onecard refuses them with this fix).
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST//a/}
-export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
-mkdir -p "$TORCH_EXTENSIONS_DIR"
-[ -d .gpuhost/torch_extensions ] && cp -r .gpuhost/torch_extensions/. "$TORCH_EXTENSIONS_DIR"/
+[ -n "${TORCH_CUDA_ARCH_LIST:-}" ] && export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST//a/}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 
 [ -f "data/shards/$CORPUS/index.json" ] || {
   echo "data/shards/$CORPUS is missing: make it on the CPU machine (docs/BENCHMARKS.md) and carry it" >&2; exit 2; }
@@ -50,5 +49,4 @@ PY
 python3 bench/gpu_check.py --preset "$PRESET" --seq-len 1024 --precision bf16 --gpu-mem-cap 11 --corpus "$CORPUS" \
   --gradient-checkpointing --runs "$RUNS" --budget $((DEADLINE - SECONDS - 20)) --out "$OUT/gpu-check" || true
 
-cp -r "$TORCH_EXTENSIONS_DIR" "$OUT/torch_extensions"
 echo "gpu check done in ${SECONDS}s"

@@ -4,9 +4,9 @@
 
 The ceiling of consumption is an H100 at 100% of its dense bf16 peak (989.4 TFLOP/s) training GPT-2 XL at
 sequence 1024: peak / FLOPs per token. Measured here: the loader alone (`TrainBatches.get` in a loop), the
-background `Prefetcher` drained as fast as possible, and the prefetcher feeding a consumer that spends that
-ceiling's step time on each micro-batch (sleeping, as a GPU-bound step leaves the CPU free), recording how
-long the consumer waited for data.
+trainer's PyTorch DataLoader (`pipeline.data.micro_batch_loader`, no workers) drained as fast as possible, and
+the DataLoader feeding a consumer that spends that ceiling's step time on each micro-batch (sleeping, as a
+GPU-bound step leaves the CPU free), recording how long the consumer waited for data.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from common import REPO, write_result
 
-from pipeline.data import Prefetcher, TokenSequences, TrainBatches
+from pipeline.data import TokenSequences, TrainBatches, micro_batch_loader
 from pipeline.hardware import lookup_gpu
 from pipeline.model import build_model, flops_per_token
 from pipeline.shard_format import load_index
@@ -53,31 +53,31 @@ def main() -> None:
         batches.get(step, 0, 0)
     direct = config.batches * tokens_per_batch / (time.perf_counter() - started)
 
-    prefetch = Prefetcher(batches, 0, 0, config.batches)
+    loader = iter(micro_batch_loader(batches, 0, 0, config.batches))
     started = time.perf_counter()
     for _ in range(config.batches):
-        prefetch.next()
-    drained = config.batches * tokens_per_batch / (time.perf_counter() - started)
-    prefetch.close()
+        next(loader)
+    through_dataloader = config.batches * tokens_per_batch / (time.perf_counter() - started)
 
     step_seconds = tokens_per_batch / ceiling
     steps = min(config.batches, int(20 / step_seconds))  # about 20 seconds of simulated training
-    prefetch = Prefetcher(batches, 0, 0, steps)
+    loader, waited = iter(micro_batch_loader(batches, 0, 0, steps)), 0.0
     started = time.perf_counter()
     for _ in range(steps):
-        prefetch.next()
+        asked = time.perf_counter()
+        next(loader)
+        waited += time.perf_counter() - asked
         time.sleep(step_seconds)
     fed_seconds = time.perf_counter() - started
-    prefetch.close()
 
     record = {
         "benchmark": "loader", "corpus": config.corpus, "seq_len": config.seq_len,
         "micro_batch_size": config.micro_batch_size, "cores": os.cpu_count(),
         "gpt2_xl_h100_ceiling_tokens_per_second": ceiling,
-        "loader_tokens_per_second": direct, "prefetcher_tokens_per_second": drained,
-        "loader_over_ceiling": direct / ceiling, "prefetcher_over_ceiling": drained / ceiling,
-        "fed_steps": steps, "fed_step_seconds": step_seconds, "fed_wait_seconds": prefetch.waited,
-        "fed_wait_fraction": prefetch.waited / fed_seconds,
+        "loader_tokens_per_second": direct, "dataloader_tokens_per_second": through_dataloader,
+        "loader_over_ceiling": direct / ceiling, "dataloader_over_ceiling": through_dataloader / ceiling,
+        "fed_steps": steps, "fed_step_seconds": step_seconds, "fed_wait_seconds": waited,
+        "fed_wait_fraction": waited / fed_seconds,
         "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
     }
     write_result(REPO / config.out if not config.out.is_absolute() else config.out, record)

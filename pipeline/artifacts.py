@@ -239,6 +239,7 @@ class StageOutput:
         self.counts: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
         self.hashed: dict[str, dict[str, Any]] = {}  # manifest entries of files the stage already hashed
+        self.started = time.time()  # the manifest's timing covers the stage's work, not only the final writes
         self.fingerprint = sha256_json(
             {"stage": stage, "version": version, "params": params,
              "inputs": {name: entry["manifest_sha256"] for name, entry in self.inputs.items()}}
@@ -288,11 +289,10 @@ class StageOutput:
         marker.write_text(self.fingerprint)
         if resuming:
             log.info("%s: resuming the interrupted build in %s", self.stage, partial)
-        started = time.time()
         try:
             yield partial
             marker.unlink()
-            self._write_manifest(partial, started)
+            self._write_manifest(partial, self.started)
             self._move_into_place(partial)
         except BaseException:
             # keep what a resume can use; a build that failed before writing anything leaves nothing behind

@@ -9,9 +9,6 @@ uninterrupted run would have seen, and ranks always read disjoint samples.
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,47 +86,26 @@ class TrainBatches:
         return rows[:, :-1], rows[:, 1:]
 
 
-class Prefetcher:
-    """Reads the micro-batches of steps [start, end) for one rank on a background thread, `depth` ahead of the
-    trainer, so the step never waits on the disk. With `pin`, batches come in page-locked memory, ready for
-    an asynchronous copy to the GPU. `waited` adds up the seconds the trainer spent waiting anyway."""
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch k = step x grad_accum + micro step of one rank: TrainBatches as a dataset that PyTorch's
+    DataLoader reads by index."""
 
-    def __init__(self, batches: TrainBatches, rank: int, start: int, end: int, depth: int = 8,
-                 pin: bool = False) -> None:
-        self.queue: queue.Queue[tuple[torch.Tensor, torch.Tensor] | BaseException | None] = queue.Queue(depth)
-        self.waited = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(batches, rank, start, end, pin), daemon=True)
-        self._thread.start()
+    def __init__(self, batches: TrainBatches, rank: int) -> None:
+        self.batches = batches
+        self.rank = rank
 
-    def _produce(self, batches: TrainBatches, rank: int, start: int, end: int, pin: bool) -> None:
-        try:
-            for step in range(start, end):
-                for micro_step in range(batches.grad_accum):
-                    inputs, targets = batches.get(step, micro_step, rank)
-                    item = (inputs.pin_memory(), targets.pin_memory()) if pin else (inputs, targets)
-                    while not self._stop.is_set():
-                        try:
-                            self.queue.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if self._stop.is_set():
-                        return
-            self.queue.put(None)
-        except BaseException as error:  # handed to the trainer, which raises it where it can be seen
-            self.queue.put(error)
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        step, micro_step = divmod(k, self.batches.grad_accum)
+        return self.batches.get(step, micro_step, self.rank)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        started = time.perf_counter()
-        item = self.queue.get()
-        self.waited += time.perf_counter() - started
-        if isinstance(item, BaseException):
-            raise item
-        if item is None:
-            raise StopIteration("the prefetcher has delivered every batch it was asked for")
-        return item
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+def micro_batch_loader(batches: TrainBatches, rank: int, start_step: int, end_step: int,
+                       pin: bool = False) -> torch.utils.data.DataLoader:
+    """The micro-batches of steps [start_step, end_step) for one rank, in order, through PyTorch's DataLoader;
+    with `pin`, in page-locked memory, ready for an asynchronous copy to the GPU. The batches are read in the
+    trainer's own process (no workers): a micro-batch of GPT-2 XL comes from the memory-mapped shards in tens of
+    microseconds against a step of hundreds of milliseconds (bench/loader_bench.py, docs/BENCHMARKS.md), so a
+    background reader would hide nothing the step notices."""
+    accum = batches.grad_accum
+    return torch.utils.data.DataLoader(MicroBatches(batches, rank), batch_size=None,
+                                       sampler=range(start_step * accum, end_step * accum), pin_memory=pin)

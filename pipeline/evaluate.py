@@ -111,15 +111,32 @@ def _input_digest(spec: str | None) -> dict[str, Any] | None:
     return {"path": str(path.resolve()), "sha256": sha256_file(path)}
 
 
-def zero_shot(config: EvaluateConfig, model: Any, tokenizer: Any, eot_id: int) -> dict[str, dict[str, Any]]:
+@dataclass
+class Inputs:
+    """The files the stage scores besides the shards, read and checked before anything is computed."""
+
+    hellaswag: list[zeroshot.MultipleChoice] | None
+    lambada: list[tuple[str, str]] | None
+    text: str | None
+
+
+def read_inputs(config: EvaluateConfig) -> Inputs:
+    return Inputs(
+        hellaswag=zeroshot.hellaswag_items(config.hellaswag, config.limit) if config.hellaswag else None,
+        lambada=zeroshot.lambada_items(config.lambada, config.limit) if config.lambada else None,
+        text=zeroshot.read_text(Path(config.eval_text)) if config.eval_text else None,
+    )
+
+
+def zero_shot(config: EvaluateConfig, inputs: Inputs, model: Any, tokenizer: Any,
+              eot_id: int) -> dict[str, dict[str, Any]]:
     context = model.config.n_positions
     results = {}
-    if config.hellaswag:
-        items = zeroshot.hellaswag_items(config.hellaswag)[: config.limit]
-        results["hellaswag"] = zeroshot.hellaswag(model, tokenizer, items, eot_id, context, config.batch_size)
-    if config.lambada:
-        pairs = zeroshot.lambada_items(config.lambada)[: config.limit]
-        results["lambada"] = zeroshot.lambada(model, tokenizer, pairs, eot_id, context, config.batch_size)
+    if inputs.hellaswag:
+        results["hellaswag"] = zeroshot.hellaswag(model, tokenizer, inputs.hellaswag, eot_id, context,
+                                                  config.batch_size)
+    if inputs.lambada:
+        results["lambada"] = zeroshot.lambada(model, tokenizer, inputs.lambada, eot_id, context, config.batch_size)
     for name, scores in results.items():
         log.info("evaluate: %s %s", name, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in scores.items()))
@@ -135,6 +152,7 @@ def run(config: EvaluateConfig) -> Path:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
 
+    inputs = read_inputs(config)  # a bad benchmark line is found now, not after minutes of scoring
     data = DataDir(config.data_dir)
     name = resolve_run(data, config.run)
     ckpt_dir = data.checkpoints(name)
@@ -176,13 +194,13 @@ def run(config: EvaluateConfig) -> Path:
     samples = generate_samples(model, tokenizer, config.seed, config.sample_tokens)
     eot_id = index["eot_id"]
     text_scores = None
-    if config.eval_text:
+    if inputs.text is not None:
         window = model.config.n_positions
-        text_scores = zeroshot.text_scores(model, tokenizer, Path(config.eval_text), eot_id, window,
+        text_scores = zeroshot.text_scores(model, tokenizer, inputs.text, Path(config.eval_text), eot_id, window,
                                            config.eval_stride or window // 2)
         log.info("evaluate: %s: loss %.4f, perplexity %.2f, %.3f bits/byte", config.eval_text, text_scores["loss"],
                  text_scores["perplexity"], text_scores["bits_per_byte"])
-    benchmarks = zero_shot(config, model, tokenizer, eot_id)
+    benchmarks = zero_shot(config, inputs, model, tokenizer, eot_id)
 
     with export_out.building() as export_dir:
         model.config.pad_token_id = index["eot_id"]

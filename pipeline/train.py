@@ -17,6 +17,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.artifacts import input_entry, require_free_space, write_json_atomic
-from pipeline.data import Prefetcher, TokenSequences, TrainBatches
+from pipeline.data import TokenSequences, TrainBatches, micro_batch_loader
 from pipeline.distributed import (
     StopSignal,
     all_reduce_sum,
@@ -437,12 +438,13 @@ def train(session: Session, trainee: Trainee, clock: StartupClock) -> int:
         PhaseTimer(engine.device)
     if start_step == 0:
         metrics.text("config", f"```\n{merged_config(config, session.ds)}\n```")
-    prefetch = Prefetcher(batches, session.rank, start_step, session.end_step, pin=torch.cuda.is_available())
+    loader = iter(micro_batch_loader(batches, session.rank, start_step, session.end_step,
+                                     pin=torch.cuda.is_available()))
     stop, done = StopSignal(under_deepspeed_launcher()), start_step
     run_inputs = {"shards": input_entry(session.shards_dir)}  # what every manifest of this run records as its input
     try:
         for step in range(start_step, session.end_step):
-            stats = train_step(session, trainee, batches, prefetch, step, timer, stop)
+            stats = train_step(session, trainee, batches, loader, step, timer, stop)
             stopping = stats.pop("stop_requested") > 0
             done = step + 1
             if done == start_step + 1:
@@ -464,24 +466,25 @@ def train(session: Session, trainee: Trainee, clock: StartupClock) -> int:
                 log.warning("stopped after step %d on %s, with a checkpoint: run the same command to continue", done,
                             stop.received or "another rank's signal")
                 break
-    finally:  # also on an error: the signal handlers, the reader thread and the event files
+    finally:  # also on an error: the signal handlers and the event files
         stop.close()
-        prefetch.close()
         metrics.close()
     return done
 
 
-def train_step(session: Session, trainee: Trainee, batches: TrainBatches, prefetch: Prefetcher, step: int,
+def train_step(session: Session, trainee: Trainee, batches: TrainBatches, loader: Iterator, step: int,
                timer: PhaseTimer, stop: StopSignal) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches, and its metrics. The host waits for the device once
     per step, at the end (the loss, reduced over ranks with the stop flag in the same collective), never per
     micro-step — except with --on-nonfinite skip, which must look at each micro-batch's loss before its backward."""
     config, engine = session.config, trainee.engine
-    started, waited, lr = time.perf_counter(), prefetch.waited, engine.get_lr()[0]
+    started, waited, lr = time.perf_counter(), 0.0, engine.get_lr()[0]
     losses = []
     timer.start()
     for micro_step in range(session.grad_accum):
-        inputs, targets = (t.to(engine.device, non_blocking=True) for t in prefetch.next())
+        asked = time.perf_counter()
+        inputs, targets = (t.to(engine.device, non_blocking=True) for t in next(loader))
+        waited += time.perf_counter() - asked
         loss = engine(inputs, targets)
         if config.on_nonfinite == "skip" and not _all_finite(loss):
             loss = _skip(engine, batches.sample_indices(step, micro_step, session.rank), step, micro_step,
@@ -507,7 +510,7 @@ def train_step(session: Session, trainee: Trainee, batches: TrainBatches, prefet
     return {"loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_second": tokens_per_second, "tflops": tflops, "mfu": tflops / peak if peak else None,
             "step_seconds": seconds, **{f"{phase}_seconds": phases.get(phase, 0.0) for phase in PHASES},
-            "data_wait_seconds": prefetch.waited - waited, "stop_requested": float(stop_requested)}
+            "data_wait_seconds": waited, "stop_requested": float(stop_requested)}
 
 
 PHASES = ("forward", "backward", "optimizer")

@@ -49,31 +49,55 @@ class MultipleChoice:
 
 # --- reading the benchmarks in their published formats ---------------------------------------------------
 
-def read_records(spec: str, hub: tuple[str, str | None, str]) -> Iterator[dict[str, Any]]:
-    """The JSON records of a local .jsonl (or .jsonl.gz) file, or of a hub dataset given as `hf:NAME`."""
+def read_records(spec: str, hub: tuple[str, str | None, str], limit: int | None = None
+                 ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for the first `limit` JSON records of a local .jsonl (or .jsonl.gz) file — where is
+    `path:line` — or of a hub dataset given as `hf:NAME`; nothing past the limit is read."""
+    if limit is not None and limit < 1:
+        raise PipelineError(f"--limit {limit}: give a number of items of at least 1.")
     if spec.startswith("hf:"):
         from datasets import load_dataset
 
         name = spec[3:] or hub[0]
         try:
-            yield from load_dataset(name, hub[1] if name == hub[0] else None, split=hub[2])
+            dataset = load_dataset(name, hub[1] if name == hub[0] else None, split=hub[2])
         except Exception as error:  # datasets raises many kinds for "not reachable"
             raise PipelineError(f"cannot load {name} from the Hugging Face hub ({error}). Offline, give the path "
                                 "of the benchmark's .jsonl file instead.") from error
+        for number, record in enumerate(dataset):
+            if number == limit:
+                return
+            yield f"{name} item {number}", record
         return
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise PipelineError(f"{path} is a folder. Give the path of the benchmark's .jsonl file in it, or hf: to "
+                            "load it from the Hugging Face hub.")
     if not path.is_file():
         raise PipelineError(f"{path} does not exist. Give the path of the benchmark's .jsonl file, or hf: to load "
                             "it from the Hugging Face hub.")
     opener = gzip.open if path.suffix == ".gz" else open
+    read = 0
     with opener(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
+            if read == limit:
+                return
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise PipelineError(f"{path}:{number} is not a JSON line ({error.msg}).") from error
+                raise PipelineError(f"{path}:{number} is not a JSON line ({error.msg}). Fix or remove that line, "
+                                    "or give the benchmark's original file.") from error
+            read += 1
+            yield f"{path}:{number}", record
+
+
+def _not_empty(items: list[Any], spec: str, benchmark: str) -> list[Any]:
+    if not items:
+        raise PipelineError(f"{spec} holds no {benchmark} items: there is nothing to score. Give the benchmark's "
+                            ".jsonl file (one JSON object per line), or leave the option out.")
+    return items
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -81,30 +105,34 @@ def _hellaswag_clean(text: str) -> str:
     return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
-def hellaswag_items(spec: str) -> list[MultipleChoice]:
+def hellaswag_items(spec: str, limit: int | None = None) -> list[MultipleChoice]:
     items = []
-    for record in read_records(spec, HELLASWAG_HUB):
+    for where, record in read_records(spec, HELLASWAG_HUB, limit):
         try:
             context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
-            items.append(MultipleChoice(_hellaswag_clean(record["activity_label"] + ": " + context),
-                                        [_hellaswag_clean(ending) for ending in record["endings"]],
-                                        int(record["label"])))
-        except (KeyError, ValueError, TypeError) as error:
-            raise PipelineError(f"{spec} is not in HellaSwag's format (ctx_a, ctx_b, activity_label, endings, "
+            item = MultipleChoice(_hellaswag_clean(record["activity_label"] + ": " + context),
+                                  [_hellaswag_clean(ending) for ending in record["endings"]], int(record["label"]))
+        except (KeyError, ValueError, TypeError, AttributeError) as error:
+            raise PipelineError(f"{where} is not in HellaSwag's format (ctx_a, ctx_b, activity_label, endings, "
                                 f"label): {error!r} in {str(record)[:200]}") from error
-    return items
+        if not 0 <= item.gold < len(item.choices):
+            raise PipelineError(f"{where}: label {item.gold} is not the index of one of its {len(item.choices)} "
+                                "endings (0 to 3 in HellaSwag). Fix that line, or give the benchmark's original "
+                                "file.")
+        items.append(item)
+    return _not_empty(items, spec, "HellaSwag")
 
 
-def lambada_items(spec: str) -> list[tuple[str, str]]:
+def lambada_items(spec: str, limit: int | None = None) -> list[tuple[str, str]]:
     """(context, " " + last word) of each passage."""
     items = []
-    for record in read_records(spec, LAMBADA_HUB):
-        if not isinstance(record.get("text"), str) or " " not in record["text"]:
-            raise PipelineError(f"{spec} is not in LAMBADA's format (a \"text\" of several words per line): "
+    for where, record in read_records(spec, LAMBADA_HUB, limit):
+        if not isinstance(record.get("text"), str) or " " not in record["text"].strip():
+            raise PipelineError(f"{where} is not in LAMBADA's format (a \"text\" of several words per line): "
                                 f"{str(record)[:200]}")
         words = record["text"].split(" ")
         items.append((" ".join(words[:-1]), " " + words[-1]))
-    return items
+    return _not_empty(items, spec, "LAMBADA")
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
@@ -195,7 +223,8 @@ def sliding_window_nll(model: Any, ids: list[int], window: int, stride: int) -> 
     device = next(model.parameters()).device
     model.eval()
     total, scored = 0.0, 0
-    with autocast_for(device):
+    with autocast_for(device), tqdm(total=len(ids) - 1, desc="text", unit=" tok", unit_scale=True,
+                                    leave=False) as bar:
         for begin in _window_starts(len(ids), window, stride):
             end = min(begin + window, len(ids) - 1)
             inputs = torch.tensor(ids[begin:end], device=device)[None]
@@ -204,6 +233,7 @@ def sliding_window_nll(model: Any, ids: list[int], window: int, stride: int) -> 
             logits = model(input_ids=inputs).logits[0, -new:].float()
             total += float(F.cross_entropy(logits, targets[-new:], reduction="sum"))
             scored += new
+            bar.update(new)
     return total, scored
 
 
@@ -216,15 +246,23 @@ def _window_starts(length: int, window: int, stride: int) -> Iterable[int]:
         begin += stride
 
 
-def text_scores(model: Any, tokenizer: Any, path: Path, eot_id: int, window: int, stride: int) -> dict[str, Any]:
-    """Loss, perplexity and bits per byte of a UTF-8 text file, scored as one document after <|endoftext|>."""
+def read_text(path: Path) -> str:
+    """An --eval-text file, checked: UTF-8, not empty."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise PipelineError(f"cannot read --eval-text {path} as UTF-8 text: {error}.") from error
+        raise PipelineError(f"cannot read --eval-text {path} as UTF-8 text: {error}. Give a UTF-8 text file."
+                            ) from error
+    if not text.strip():
+        raise PipelineError(f"--eval-text {path} is empty: there is nothing to score. Give a file with text in it.")
+    return text
+
+
+def text_scores(model: Any, tokenizer: Any, text: str, path: Path, eot_id: int, window: int,
+                stride: int) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of a text (the file `path`), scored as one document after
+    <|endoftext|>."""
     ids = [eot_id, *tokenizer.encode(text, add_special_tokens=False)]
-    if len(ids) < 2:
-        raise PipelineError(f"--eval-text {path} is empty: there is nothing to score.")
     nll, tokens = sliding_window_nll(model, ids, window, stride)
     return {"path": str(path), "tokens": tokens, "bytes": len(text.encode("utf-8")), "window": window,
             "stride": stride, "loss": nll / tokens, "perplexity": math.exp(nll / tokens),

@@ -105,6 +105,23 @@ CASES = [
      ["--source", "{parent}/latin1.txt"], r"latin1\.txt.*UTF-8"),
     ("empty corpus", write("empty.txt", b"\n\n"), "download", ["--source", "{parent}/empty.txt"],
      r"gave no documents with text: the corpus is empty"),
+    # evaluate reads every input before it scores anything: these fail in a second, not minutes in
+    ("empty LAMBADA file", write("lambada.jsonl", b""), "evaluate", ["--run", "resume", "--lambada",
+                                                                      "{parent}/lambada.jsonl"],
+     r"lambada\.jsonl holds no LAMBADA items: there is nothing to score"),
+    ("HellaSwag label out of range",
+     write("hellaswag.jsonl", json.dumps({"ctx_a": "A man", "ctx_b": "then", "activity_label": "Cooking",
+                                          "endings": ["a", "b", "c", "d"], "label": 7}).encode() + b"\n"),
+     "evaluate", ["--run", "resume", "--hellaswag", "{parent}/hellaswag.jsonl"],
+     r"hellaswag\.jsonl:1: label 7 is not the index of one of its 4 endings"),
+    ("a folder given as a benchmark file", no_download, "evaluate", ["--run", "resume", "--lambada", "{parent}"],
+     r"is a folder\. Give the path of the benchmark's \.jsonl file in it"),
+    ("malformed benchmark line", write("lambada.jsonl", b'{"text": "one two"}\n{"text": \n'), "evaluate",
+     ["--run", "resume", "--eval-text", "{parent}/lambada.jsonl", "--lambada", "{parent}/lambada.jsonl"],
+     r"lambada\.jsonl:2 is not a JSON line"),
+    ("empty --eval-text", write("blank.txt", b"\n"), "evaluate", ["--run", "resume", "--eval-text",
+                                                                   "{parent}/blank.txt"],
+     r"--eval-text .*blank\.txt is empty: there is nothing to score"),
 ]
 
 

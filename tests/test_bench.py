@@ -125,7 +125,7 @@ def test_loader_benchmark(builtin_data: Path, tmp_path: Path) -> None:
         text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(out.read_text())
-    assert record["loader_tokens_per_second"] > 0 and record["prefetcher_tokens_per_second"] > 0
+    assert record["loader_tokens_per_second"] > 0 and record["dataloader_tokens_per_second"] > 0
     assert 0 <= record["fed_wait_fraction"] < 1
 
 

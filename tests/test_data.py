@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import Prefetcher, TokenSequences, TrainBatches
+from pipeline.data import TokenSequences, TrainBatches, micro_batch_loader
 from pipeline.stage import PipelineError
 
 
@@ -78,27 +78,14 @@ def test_too_short_split_is_refused(builtin_data: Path) -> None:
         TokenSequences(shards_dir, json.loads((shards_dir / "index.json").read_text()), "val", 10**7)
 
 
-def test_prefetcher_delivers_exactly_the_batches_in_order(sequences: TokenSequences) -> None:
+def test_the_loader_delivers_exactly_the_batches_of_its_steps_in_order(sequences: TokenSequences) -> None:
+    """Steps 4-8 of rank 1 of 2, two micro-steps each: what a run resumed at step 4 reads."""
     batches = TrainBatches(sequences, seed=5, micro_batch_size=3, grad_accum=2, world_size=2)
-    prefetch = Prefetcher(batches, rank=1, start=4, end=9, depth=3)
+    loader = iter(micro_batch_loader(batches, rank=1, start_step=4, end_step=9))
     for step in range(4, 9):
         for micro_step in range(2):
-            got, expected = prefetch.next(), batches.get(step, micro_step, 1)
+            got, expected = next(loader), batches.get(step, micro_step, 1)
             assert all((a == b).all() for a, b in zip(got, expected, strict=True))
+            assert got[0].shape == (3, sequences.seq_len)
     with pytest.raises(StopIteration):
-        prefetch.next()
-    prefetch.close()
-
-
-def test_prefetcher_passes_errors_on_and_stops_when_closed(sequences: TokenSequences) -> None:
-    class Broken(TrainBatches):
-        def get(self, step, micro_step, rank):
-            raise OSError("disk gone")
-
-    prefetch = Prefetcher(Broken(sequences, 0, 2, 1, 1), rank=0, start=0, end=5)
-    with pytest.raises(OSError, match="disk gone"):
-        prefetch.next()
-    endless = Prefetcher(TrainBatches(sequences, 0, 2, 1, 1), rank=0, start=0, end=10**9, depth=2)
-    endless.next()
-    endless.close()
-    assert not endless._thread.is_alive()
+        next(loader)

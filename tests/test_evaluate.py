@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,9 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory, builtin_data: Path) -> P
     shutil.copytree(builtin_data, data_dir)
     train(data_dir, "run", eval_every=10, eval_tokens=4096)
     files = benchmark_files(data_dir.parent)
+    started = time.time()
     run(EvaluateConfig(data_dir=data_dir, run="run", eval_tokens=4096, eval_stride=16, **files))
+    (data_dir / "evaluate-seconds").write_text(str(time.time() - started))
     return data_dir
 
 
@@ -64,6 +67,9 @@ def test_report_shows_learning_against_the_untrained_model(evaluated: Path) -> N
     assert report["val_loss"] < report["untrained_val_loss"] - 0.5
     assert report["val_perplexity"] == pytest.approx(math.exp(report["val_loss"]))
     assert report["eval_tokens"] == 4096
+    # the manifest's timing is the stage's (it scored everything), not only the writing of its files
+    seconds = float((evaluated / "evaluate-seconds").read_text())
+    assert json.loads((evaluated / "eval" / "run" / "manifest.json").read_text())["timing"]["seconds"] > seconds / 2
     assert len(report["samples"]) == 3 and all(s["text"].startswith(s["prompt"]) for s in report["samples"])
     markdown = (evaluated / "eval" / "run" / "report.md").read_text()
     assert f"{report['val_loss']:.4f}" in markdown and f"{report['untrained_val_loss']:.4f}" in markdown

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, english_documents, subprocess_env, write_jsonl
+from helpers import REPO, deepspeed_launcher, english_documents, subprocess_env, write_jsonl
 
 from pipeline import checkpoint
 from pipeline.checkpoint import latest_step, latest_tag, load_weights
@@ -31,7 +31,7 @@ FLAGS = ["--seq-len", "32", "--micro-batch-size", "2", "--precision", "fp32", "-
 
 def start(data_dir: Path, run: str, *extra: str, launcher: bool = False) -> subprocess.Popen:
     """A training process as a user starts it, in its own process group (as a terminal's job is)."""
-    program = ([str(Path(sys.executable).with_name("deepspeed")), "launch/train.py"] if launcher
+    program = ([*deepspeed_launcher(), "launch/train.py"] if launcher
                else [sys.executable, "launch/train.py"])
     return subprocess.Popen([*program, "--deepspeed", "ds_configs/zero2_offload.json", "--run", run, *FLAGS, *extra],
                             cwd=REPO, env=subprocess_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, english_documents, prepare, subprocess_env, write_jsonl
+from helpers import REPO, deepspeed_launcher, english_documents, prepare, subprocess_env, write_jsonl
 
 from pipeline.checkpoint import latest_tag, load_weights
 from pipeline.data import TokenSequences, TrainBatches
@@ -41,9 +41,8 @@ def train(data_dir: Path, config: str, run: str, **options) -> list[dict]:
 
 
 def launch(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    launcher = Path(sys.executable).with_name("deepspeed")  # the `deepspeed` command of this environment
-    result = subprocess.run([str(launcher), *args], cwd=REPO, env=subprocess_env(data_dir), capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([*deepspeed_launcher(), *args], cwd=REPO, env=subprocess_env(data_dir),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

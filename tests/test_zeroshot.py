@@ -21,6 +21,7 @@ from pipeline.zeroshot import (
     lambada_items,
     loglikelihoods,
     multiple_choice_scores,
+    read_text,
     sliding_window_nll,
     text_scores,
 )
@@ -181,17 +182,29 @@ def test_sliding_window_context_is_what_the_stride_says() -> None:
 def test_text_scores_report_bits_per_byte(tmp_path: Path) -> None:
     text = tmp_path / "held-out.txt"
     text.write_text("Some held-out text, naïve café.")
-    scores = text_scores(Bigram(), ByteTokenizer(), text, EOT, window=16, stride=8)
+    scores = text_scores(Bigram(), ByteTokenizer(), read_text(text), text, EOT, window=16, stride=8)
     assert scores["tokens"] == scores["bytes"] == len(text.read_bytes())
     assert scores["bits_per_byte"] == pytest.approx(scores["loss"] / math.log(2))  # one token per byte
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(PipelineError, match=r"latin1\.txt as UTF-8"):
-        text_scores(Bigram(), ByteTokenizer(), tmp_path / "latin1.txt", EOT, 16, 8)
+        read_text(tmp_path / "latin1.txt")
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(PipelineError, match=r"blank\.txt is empty"):
+        read_text(tmp_path / "blank.txt")
+
+
+def hellaswag_line(label: object) -> str:
+    return json.dumps({**HELLASWAG_RECORDS[0], "label": label}) + "\n"
 
 
 @pytest.mark.parametrize(("reader", "content", "message"), [
-    (hellaswag_items, '{"ctx_a": "x"}\n', "not in HellaSwag's format"),
-    (lambada_items, '{"text": "oneword"}\n', "not in LAMBADA's format"),
+    (hellaswag_items, '{"ctx_a": "x"}\n', r"bench\.jsonl:1 is not in HellaSwag's format"),
+    (hellaswag_items, hellaswag_line(0) + hellaswag_line(7), r"bench\.jsonl:2: label 7 is not the index of one of "
+                                                             r"its 4 endings"),
+    (hellaswag_items, hellaswag_line(-1), r"bench\.jsonl:1: label -1 is not the index"),
+    (hellaswag_items, "", r"bench\.jsonl holds no HellaSwag items: there is nothing to score"),
+    (lambada_items, '{"text": "oneword"}\n', r"bench\.jsonl:1 is not in LAMBADA's format"),
+    (lambada_items, "\n\n", r"bench\.jsonl holds no LAMBADA items"),
     (lambada_items, "not json\n", r"bench\.jsonl:1 is not a JSON line"),
 ])
 def test_malformed_benchmark_files_are_refused(tmp_path: Path, reader, content: str, message: str) -> None:
@@ -200,6 +213,16 @@ def test_malformed_benchmark_files_are_refused(tmp_path: Path, reader, content: 
         reader(str(tmp_path / "bench.jsonl"))
     with pytest.raises(PipelineError, match="does not exist"):
         reader(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(PipelineError, match=r"is a folder\. Give the path of the benchmark's \.jsonl file in it"):
+        reader(str(tmp_path))
+
+
+def test_limit_reads_only_the_items_it_scores(tmp_path: Path) -> None:
+    path = tmp_path / "lambada.jsonl"
+    path.write_text('{"text": "one two"}\n{"text": "three four"}\nthe rest is not JSON\n')
+    assert lambada_items(str(path), limit=2) == [("one", " two"), ("three", " four")]
+    with pytest.raises(PipelineError, match=r"lambada\.jsonl:3 is not a JSON line"):
+        lambada_items(str(path))
 
 
 def test_hub_code_path_reads_the_same_items(tmp_path: Path) -> None:
