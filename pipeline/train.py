@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, preflight
 from pipeline.artifacts import input_entry, require_free_space, write_json_atomic
 from pipeline.data import TokenSequences, TrainBatches, micro_batch_loader
 from pipeline.distributed import (
@@ -121,6 +122,10 @@ class TrainConfig(StageConfig):
     on_nonfinite: Literal["stop", "skip"] = field(
         default="stop", metadata={"help": "a NaN/inf loss: stop (exit non-zero, the last checkpoint is the last good "
                                   "state) or skip (that micro-batch contributes no gradient)"})
+    preflight: bool = field(
+        default=True, metadata={"help": "estimate the host RAM, page-locked and GPU memory the run needs before "
+                                "building anything, and refuse a run this machine cannot hold (--no-preflight: "
+                                "go on regardless)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
 
@@ -257,6 +262,7 @@ class Session:
     identity: dict[str, Any]
     seq_len: int
     end_step: int
+    estimate: preflight.Needs | None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -324,6 +330,7 @@ def start_session(config: TrainConfig) -> Session | None:
     ds = deepspeed_config(config, world_size, data.root, name)
     if config.gpu_mem_cap is not None:  # checked before anything is written
         cap_gpu_memory(config.gpu_mem_cap)
+    estimate = check_fits(config, ds, index["vocab_size"], seq_len) if config.preflight else None
     identity = run_identity(config, ds, index, shards_dir, seq_len, world_size)
     if rank == 0 and config.force:
         for folder in (ckpt_dir, data.runs(name), data.nvme(name)):
@@ -345,7 +352,24 @@ def start_session(config: TrainConfig) -> Session | None:
     log.info("run %s: %s", name, describe(ds))
     # The whole merged config is saved beside the checkpoints and in TensorBoard; the console gets the summary.
     log.debug("merged config:\n%s", merged_config(config, ds))
-    return Session(config, name, rank, world_size, data, index, ds, identity, seq_len, end_step)
+    return Session(config, name, rank, world_size, data, index, ds, identity, seq_len, end_step, estimate)
+
+
+def check_fits(config: TrainConfig, ds: dict[str, Any], vocab_size: int, seq_len: int) -> preflight.Needs:
+    """The preflight (pipeline/preflight.py), on every rank, all refusing together: what this run needs."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    needs = preflight.estimate(ds, config.preset, vocab_size, seq_len, config.activation_checkpointing, local_ranks)
+    machine = preflight.read_machine(config.gpu_mem_cap)
+    log.info("preflight: about %.1f GiB of host RAM (%.1f available), %.1f GiB page-locked%s", needs.host_bytes / GIB,
+             machine.host_available_bytes / GIB, needs.pinned_bytes / GIB,
+             "" if needs.gpu_bytes is None else f", {needs.gpu_bytes / GIB:.1f} GiB of GPU memory "
+                                                f"({(machine.gpu_bytes or 0) / GIB:.1f} there)")
+    problems = preflight.check(needs, machine, config.deepspeed, preflight.shipped_alternatives(
+        ds, config.preset, vocab_size, seq_len, config.activation_checkpointing, local_ranks))
+    if any_rank(bool(problems)):
+        raise PipelineError(" ".join(problems) if problems else "another rank's machine cannot hold this run: see "
+                            "its log.")
+    return needs
 
 
 def merged_config(config: TrainConfig, ds: dict[str, Any]) -> str:
@@ -418,6 +442,14 @@ def build_device(session: Session) -> str:
     return device if needed < room else "cpu"
 
 
+def estimated_gib(estimate: preflight.Needs | None) -> dict[str, float | None]:
+    """The preflight's estimate, recorded beside the measured peaks so that every run tests it."""
+    if estimate is None:
+        return {}
+    return {"estimated_host_gib": estimate.host_bytes / GIB,
+            "estimated_gpu_gib": None if estimate.gpu_bytes is None else estimate.gpu_bytes / GIB}
+
+
 def release_build_memory() -> None:
     """The fp32 weights the model was built with are bf16 (or partitioned away) inside the engine: hand their
     cached blocks back, and start the peak readings from the training state."""
@@ -449,7 +481,8 @@ def train(session: Session, trainee: Trainee, clock: StartupClock) -> int:
             done = step + 1
             if done == start_step + 1:
                 clock.lap("first step")
-                stats.update(startup_seconds=clock.total(), op_build_seconds=clock.excluded)
+                stats.update(startup_seconds=clock.total(), op_build_seconds=clock.excluded,
+                             **estimated_gib(session.estimate))
                 log.info("start-up %.1fs to the end of step %d (%s; op builds %.1fs excluded)", clock.total(), done,
                          clock.summary(), clock.excluded)
             if config.eval_every and (done % config.eval_every == 0 or done == session.end_step):

@@ -255,6 +255,10 @@ def test_the_canonical_command_works_as_written(data_copy: Path) -> None:
 
     (started,) = runs()
     assert re.fullmatch(r"builtin-tiny-zero3_offload-\d{8}", started)
+    # the preflight's host estimate, against the peak RSS this process really reached
+    metrics = read_metrics(data_copy / "runs" / started)
+    peak = max(m["peak_host_rss_gib"] for m in metrics)
+    assert 0.6 * peak <= metrics[0]["estimated_host_gib"] <= 1.6 * peak, (metrics[0]["estimated_host_gib"], peak)
     assert latest_tag(data_copy / "checkpoints" / started) == "step_00000003"
     for folder in ("checkpoints", "runs"):  # as if it had started on New Year's Day 2026
         (data_copy / folder / started).rename(data_copy / folder / "builtin-tiny-zero3_offload-20260101")

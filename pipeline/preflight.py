@@ -1,0 +1,135 @@
+"""Preflight: before a run builds anything, what it will need — host RAM, page-locked host memory, GPU memory —
+by `onecard plan`'s memory model, against what this machine has. A run that cannot fit stops (exit 2) with what
+it needs, what there is and what would fit instead, rather than being killed by the kernel minutes later; a run
+that fits with little room gets a warning. `--no-preflight` skips the check.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from pipeline.dsconfig import load_ds_config, offload_devices
+from pipeline.hardware import GIB
+from pipeline.model import preset_parameters, preset_shape
+from pipeline.plan import CONFIGS, CONTEXT_GIB, gpu_memory_bytes, host_and_disk_bytes
+
+log = logging.getLogger("onecard")
+
+# A trainer process before any model state (Python, torch, DeepSpeed, transformers, the loader): the tiny
+# preset's peak RSS on the development machine is 0.7-0.8 GiB, nearly all of it this.
+PROCESS_BYTES = 0.8 * GIB
+TIGHT = 0.9  # needing more than this share of what there is gets a warning
+# The GPU estimate is calibrated to be at most this much above what NVML measured (tests/test_plan.py): a run is
+# refused only beyond it, so that no run that fits is turned away (and a CUDA out-of-memory error, unlike the
+# kernel's OOM killer, is a clean and early failure).
+GPU_ESTIMATE_ABOVE = 1.15
+
+
+@dataclass(frozen=True)
+class Needs:
+    host_bytes: float
+    pinned_bytes: float  # page-locked, counted against the memlock limit (with a GPU only)
+    gpu_bytes: float | None  # what NVML would charge the process; None without a GPU
+
+
+@dataclass(frozen=True)
+class Machine:
+    host_available_bytes: float
+    memlock_bytes: float | None  # None: unlimited
+    gpu_bytes: float | None  # what NVML may charge the process: the card, or --gpu-mem-cap plus the context
+
+
+def estimate(ds: dict[str, Any], preset: str, vocab_size: int, seq_len: int, checkpointing: int,
+             local_ranks: int = 1, gpu: bool | None = None) -> Needs:
+    """What a run of this config needs on this node (host RAM for all its local ranks, GPU memory per rank)."""
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    params = preset_parameters(preset, vocab_size)
+    memory = gpu_memory_bytes(ds, params, preset_shape(preset), seq_len, ds["train_micro_batch_size_per_gpu"],
+                              checkpointing, vocab_size)
+    host, _ = host_and_disk_bytes(ds, params, memory["model_states_cpu"])
+    return Needs(host + local_ranks * PROCESS_BYTES, pinned_bytes(ds, params) if gpu else 0.0,
+                 memory["total"] if gpu else None)
+
+
+def pinned_bytes(ds: dict[str, Any], params: float) -> float:
+    """Page-locked host memory: the fp32 master weights and gradients of an offloaded optimizer, the bf16 weights
+    of offloaded parameters, the NVMe swap buffers (each where its config asks for pin_memory)."""
+    zero = ds["zero_optimization"]
+    params_device, optimizer_device = offload_devices(ds)
+    pinned = 0.0
+    if optimizer_device != "none" and zero["offload_optimizer"].get("pin_memory"):
+        pinned += 8 * params if optimizer_device == "cpu" else \
+            4 * 4 * zero.get("sub_group_size", 1e9) * zero["offload_optimizer"].get("buffer_count", 4)
+    if params_device != "none" and zero["offload_param"].get("pin_memory"):
+        pinned += 2 * params if params_device == "cpu" else \
+            2 * zero["offload_param"].get("buffer_count", 5) * zero["offload_param"].get("buffer_size", 1e8)
+    return pinned
+
+
+def read_machine(gpu_mem_cap_gib: float | None) -> Machine:
+    memlock = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = (gpu_mem_cap_gib + CONTEXT_GIB) * GIB if gpu_mem_cap_gib is not None else \
+            torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return Machine(psutil.virtual_memory().available, None if memlock == resource.RLIM_INFINITY else memlock, gpu)
+
+
+def check(needs: Needs, machine: Machine, config_path: str, alternatives: dict[str, Needs]) -> list[str]:
+    """Raise nothing: the problems (each one paragraph) that stop the run, after logging the warnings."""
+    def gib(value: float) -> str:
+        return f"{value / GIB:.1f} GiB"
+
+    fitting = [name for name, other in alternatives.items() if not _short(other, machine)]
+    instead = f" Configs that fit this machine: {', '.join(fitting)}." if fitting else ""
+    problems = []
+    if needs.host_bytes > machine.host_available_bytes:
+        problems.append(
+            f"{config_path} needs about {gib(needs.host_bytes)} of host RAM for this run (offloaded model states "
+            f"and the process), and this machine has {gib(machine.host_available_bytes)} available: it would be "
+            f"killed by the kernel's out-of-memory killer.{instead} (`onecard plan --host-ram-gib N` compares them; "
+            "--no-preflight goes on regardless.)")
+    if machine.memlock_bytes is not None and needs.pinned_bytes > machine.memlock_bytes:
+        problems.append(
+            f"{config_path} page-locks about {gib(needs.pinned_bytes)} of host memory for fast transfers, and the "
+            f"memlock limit (`ulimit -l`) is {gib(machine.memlock_bytes)}. Raise the limit, or set "
+            "\"pin_memory\": false in the config's offload_optimizer / offload_param (slower transfers).")
+    if _gpu_short(needs, machine):
+        problems.append(
+            f"{config_path} needs about {gib(needs.gpu_bytes)} of GPU memory at this micro-batch, and the card has "
+            f"{gib(machine.gpu_bytes)}. Use a smaller --micro-batch-size (with a larger --grad-accum for the same "
+            f"batch), --activation-checkpointing 1, or a config that offloads more.{instead}")
+    for what, needed, there, refused_above in (("host RAM", needs.host_bytes, machine.host_available_bytes, 1.0),
+                                               ("GPU memory", needs.gpu_bytes, machine.gpu_bytes, GPU_ESTIMATE_ABOVE)):
+        if needed is not None and there is not None and TIGHT * there < needed <= refused_above * there:
+            log.warning("preflight: this run needs about %s of %s and %s is there: little room to spare",
+                        gib(needed), what, gib(there))
+    return problems
+
+
+def _gpu_short(needs: Needs, machine: Machine) -> bool:
+    return (needs.gpu_bytes is not None and machine.gpu_bytes is not None
+            and needs.gpu_bytes > GPU_ESTIMATE_ABOVE * machine.gpu_bytes)
+
+
+def _short(needs: Needs, machine: Machine) -> bool:
+    return needs.host_bytes > machine.host_available_bytes or _gpu_short(needs, machine)
+
+
+def shipped_alternatives(ds: dict[str, Any], preset: str, vocab_size: int, seq_len: int, checkpointing: int,
+                         local_ranks: int) -> dict[str, Needs]:
+    """The needs of every shipped config at this run's batch layout, by name."""
+    layout = {key: ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
+    alternatives = {}
+    for path in sorted((p for p in CONFIGS.iterdir() if p.name.endswith(".json")), key=lambda p: p.name):
+        other = {**load_ds_config(Path(path)), **layout}
+        alternatives[f"ds_configs/{path.name}"] = estimate(other, preset, vocab_size, seq_len, checkpointing,
+                                                           local_ranks)
+    return alternatives
