@@ -5,18 +5,22 @@
 #   make test                install, then lint and run the test suite
 #   make test-fast           the tests that need no DeepSpeed engine (under 2 minutes)
 #   make train PRESET=gpt2-xl CONFIG=ds_configs/zero3_nvme.json STEPS=1000
+#   make train INIT_FROM=openai-community/gpt2-xl TOKENIZER=gpt2 CONFIG=ds_configs/zero2_offload.json   fine-tune
 #   make tensorboard         serve data/runs on http://127.0.0.1:6006
 #   make plan PRESET=gpt2-xl PLAN_ARGS='--gpu "RTX 4070 Ti" --host-ram-gib 64'   will it fit, how long
 
 DATA      ?= data
 SOURCE    ?= builtin
 CORPUS    ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.stage import corpus_name; print(corpus_name(sys.argv[1]))' '$(SOURCE)')
-TOKENIZER ?= bpe:4096
+TOKENIZER ?= $(if $(INIT_FROM),$(INIT_FROM),bpe:4096)
 PRESET    ?= tiny
+# released weights to start from (a hub id or a folder); the preset is then theirs
+INIT_FROM ?=
+MODEL      = $(if $(INIT_FROM),from-$(notdir $(patsubst %/,%,$(INIT_FROM))),$(PRESET))
 CONFIG    ?= ds_configs/zero3_offload.json
 STEPS     ?= 300
 # <corpus>-<preset>-<config>-<date the run started>: the newest such run, or today's (pipeline.stage.DataDir)
-RUN       ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.stage import DataDir; print(DataDir(sys.argv[1]).default_run(*sys.argv[2:]))' '$(DATA)' '$(CORPUS)' '$(PRESET)' '$(CONFIG)')
+RUN       ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.stage import DataDir; print(DataDir(sys.argv[1]).default_run(*sys.argv[2:]))' '$(DATA)' '$(CORPUS)' '$(MODEL)' '$(CONFIG)')
 DOWNLOAD_ARGS ?=
 TRAIN_ARGS ?=
 # a free port for the launcher's rendezvous (its default, 29500, is taken by any other run on this machine)
@@ -65,7 +69,8 @@ $(TEST_INSTALLED): $(INSTALLED)
 DOWNLOAD = $(PY) -m pipeline.download --source $(SOURCE) --corpus $(CORPUS) $(DOWNLOAD_ARGS)
 TOKENIZE = $(PY) -m pipeline.tokenize --corpus $(CORPUS) --tokenizer $(TOKENIZER)
 SHARD    = $(PY) -m pipeline.shard --corpus $(CORPUS)
-TRAIN    = $(VENV)/bin/deepspeed --master_port $(MASTER_PORT) --log_level warning launch/train.py --deepspeed $(CONFIG) --corpus $(CORPUS) --preset $(PRESET) \
+TRAIN    = $(VENV)/bin/deepspeed --master_port $(MASTER_PORT) --log_level warning launch/train.py --deepspeed $(CONFIG) --corpus $(CORPUS) \
+           $(if $(INIT_FROM),--init-from $(INIT_FROM),--preset $(PRESET)) \
            --run $(RUN) --max-steps $(STEPS) $(TRAIN_ARGS)
 
 run: download tokenize shard train evaluate

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoint, zeroshot
+from pipeline import checkpoint, pretrained, zeroshot
 from pipeline.artifacts import StageOutput, sha256_file, write_json_atomic
 from pipeline.data import TokenSequences
 from pipeline.model import LOSS_CHUNK_TOKENS, build_model, lm_loss
@@ -180,7 +180,12 @@ def run(config: EvaluateConfig) -> Path:
 
     torch.manual_seed(identity["seed"])
     model = build_model(identity["preset"], identity["vocab_size"], index["eot_id"], identity["dropout"]).to(device)
-    untrained_loss = validation_loss(model, val, config.batch_size, config.eval_tokens)
+    start = "the untrained model"
+    if "init" in identity:  # a run from released weights: what training changed is measured from them
+        spec = identity["init"]["init_from"]
+        model.load_state_dict(pretrained.load(pretrained.locate(spec), model.config.activation_function).state_dict())
+        start = f"the starting weights ({spec})"
+    start_loss = validation_loss(model, val, config.batch_size, config.eval_tokens)
     tag, weights = checkpoint.load_weights(ckpt_dir, tag)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(model.state_dict()) - {name for name, _ in model.named_parameters()}
@@ -189,8 +194,8 @@ def run(config: EvaluateConfig) -> Path:
                             f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}).")
     step_info = ckpt_manifest["counts"]
     val_loss = validation_loss(model, val, config.batch_size, config.eval_tokens)
-    log.info("evaluate %s at %s: val loss %.4f (perplexity %.2f); untrained model %.4f (perplexity %.2f)",
-             name, tag, val_loss, math.exp(val_loss), untrained_loss, math.exp(untrained_loss))
+    log.info("evaluate %s at %s: val loss %.4f (perplexity %.2f); %s %.4f (perplexity %.2f)",
+             name, tag, val_loss, math.exp(val_loss), start, start_loss, math.exp(start_loss))
     samples = generate_samples(model, tokenizer, config.seed, config.sample_tokens)
     eot_id = index["eot_id"]
     text_scores = None
@@ -220,7 +225,7 @@ def run(config: EvaluateConfig) -> Path:
     report = {
         "run": name, "checkpoint": tag, "step": step_info["step"], "tokens_seen": step_info["tokens_seen"],
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
-        "untrained_val_loss": untrained_loss, "untrained_val_perplexity": math.exp(untrained_loss),
+        "start": start, "start_val_loss": start_loss, "start_val_perplexity": math.exp(start_loss),
         "export_val_loss": export_loss, "eval_tokens": scored_tokens, "samples": samples,
         "export_dir": str(export_out.final), "tokenizer": saved["tokenizer"], "shards": identity["shards"],
         "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json"),

@@ -55,8 +55,7 @@ def markdown(report: dict[str, Any], plot: str | None) -> str:
         ("checkpoint", f"{report['checkpoint']} (step {report['step']}, {report['tokens_seen']:,} tokens seen)"),
         ("validation loss", f"{report['val_loss']:.4f} (perplexity {report['val_perplexity']:.2f}) over "
                             f"{report['eval_tokens']:,} tokens"),
-        ("untrained model",
-         f"{report['untrained_val_loss']:.4f} (perplexity {report['untrained_val_perplexity']:.2f})"),
+        (report["start"], f"{report['start_val_loss']:.4f} (perplexity {report['start_val_perplexity']:.2f})"),
         ("exported model", f"{report['export_val_loss']:.4f}"),
     ]
     text = report.get("eval_text")

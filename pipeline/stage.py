@@ -154,6 +154,16 @@ def log_to_file(path: Path) -> None:
     warnings_log.propagate = False
 
 
+def close_log_file() -> None:
+    """Stop what `log_to_file` started (a process may run several stages or runs one after another)."""
+    for logger in (log, logging.getLogger("py.warnings")):
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)
+            handler.close()
+    logging.captureWarnings(False)
+    logging.getLogger("py.warnings").propagate = True
+
+
 ConfigT = TypeVar("ConfigT")
 
 

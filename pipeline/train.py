@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline import checkpoint, preflight
+from pipeline import checkpoint, preflight, pretrained
 from pipeline.artifacts import input_entry, require_free_space, write_json_atomic
 from pipeline.data import TokenSequences, TrainBatches, micro_batch_loader
 from pipeline.distributed import (
@@ -53,6 +53,7 @@ from pipeline.model import (
     FUSED_GELU,
     GPT2_GELU,
     LOSS_CHUNK_TOKENS,
+    PRESETS,
     TrainingModel,
     build_model,
     enable_activation_checkpointing,
@@ -63,7 +64,15 @@ from pipeline.model import (
     preset_parameters,
 )
 from pipeline.shard_format import load_index
-from pipeline.stage import DataDir, PipelineError, StageConfig, log_to_file, setup_logging, stage_main
+from pipeline.stage import (
+    DataDir,
+    PipelineError,
+    StageConfig,
+    close_log_file,
+    log_to_file,
+    setup_logging,
+    stage_main,
+)
 from pipeline.timing import PhaseTimer, StartupClock
 
 log = logging.getLogger("onecard")
@@ -73,7 +82,11 @@ log = logging.getLogger("onecard")
 class TrainConfig(StageConfig):
     deepspeed: str = field(default="ds_configs/zero3_offload.json", metadata={"help": "DeepSpeed JSON config"})
     corpus: str = field(default="builtin", metadata={"help": "corpus to train on (a folder under shards/)"})
-    preset: str = field(default="tiny", metadata={"help": "tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl"})
+    preset: str | None = field(default=None, metadata={
+        "help": "tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (default: tiny, or the shape of --init-from)"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from released weights: a Hugging Face hub id (openai-community/gpt2-xl, gpt2, ...) or a "
+                "folder with config.json + model.safetensors (an onecard export too)"})
     run: str | None = field(default=None, metadata={
         "help": "run name (default: <corpus>-<preset>-<config>-<YYYYMMDD>, the newest such run if one exists)"})
     seq_len: int | None = field(default=None, metadata={"help": "sequence length (default: the preset's context)"})
@@ -130,8 +143,36 @@ class TrainConfig(StageConfig):
 
 
 def run_name(config: TrainConfig) -> str:
-    return config.run or DataDir(config.data_dir).default_run(config.corpus, config.preset, config.deepspeed,
+    return config.run or DataDir(config.data_dir).default_run(config.corpus, model_name(config), config.deepspeed,
                                                               fresh=config.force)
+
+
+def model_name(config: TrainConfig) -> str:
+    """The model part of a run's default name: the preset, or `from-<weights>` (as the Makefile spells it)."""
+    return f"from-{Path(config.init_from.rstrip('/')).name}" if config.init_from else config.preset or "tiny"
+
+
+@dataclass(frozen=True)
+class Start:
+    """Released weights a run starts from (--init-from)."""
+
+    folder: Path
+    config: dict[str, Any]
+    source: dict[str, Any]
+
+
+def resolve_start(config: TrainConfig) -> tuple[TrainConfig, Start | None]:
+    """The config with its preset settled, and the --init-from weights (located and checked, not yet loaded)."""
+    if not config.init_from:
+        return replace(config, preset=config.preset or "tiny"), None
+    folder = pretrained.locate(config.init_from)
+    weights_config = pretrained.read_config(folder, config.init_from)
+    preset = pretrained.preset_of(weights_config, config.init_from)
+    if config.preset not in (None, preset):
+        raise PipelineError(f"--preset {config.preset}, but --init-from {config.init_from} has the shape of {preset} "
+                            f"(layers, width, heads, context {PRESETS[preset]}). Leave --preset out, or give weights "
+                            f"of the {config.preset} shape.")
+    return replace(config, preset=preset), Start(folder, weights_config, pretrained.source(config.init_from, folder))
 
 
 def lr_ratio(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -169,9 +210,10 @@ def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name
 
 
 def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any], shards_dir: Path, seq_len: int,
-                 world_size: int) -> dict[str, Any]:
+                 world_size: int, start: Start | None = None) -> dict[str, Any]:
     """What a resumed run must keep (max_steps may change: it extends the run), and its layout (LAYOUT), which
-    may change as long as the global batch stays the same."""
+    may change as long as the global batch stays the same. A run from released weights keeps where they came
+    from (`init`)."""
     identity = {"corpus": config.corpus, "shards": input_entry(shards_dir)["manifest_sha256"],
                 "vocab_size": index["vocab_size"], "preset": config.preset, "seq_len": seq_len,
                 "seed": config.seed, "dropout": config.dropout, "train_batch_size": ds["train_batch_size"],
@@ -180,6 +222,8 @@ def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any],
                 "zero_stage": ds["zero_optimization"]["stage"], "offload": offload_devices(ds),
                 "precision": precision(ds), "optimizer": ds["optimizer"],
                 "gradient_clipping": ds.get("gradient_clipping")}
+    if start is not None:
+        identity["init"] = start.source
     return json.loads(json.dumps(identity))  # as it reads back from run.json (tuples become lists)
 
 
@@ -263,6 +307,7 @@ class Session:
     seq_len: int
     end_step: int
     estimate: preflight.Needs | None
+    start: Start | None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -299,18 +344,22 @@ class Trainee:
 def run(config: TrainConfig) -> Path:
     clock = StartupClock(launch_time(), time.time())
     init_distributed()
-    session = start_session(config)
+    config, start = resolve_start(config)
+    session = start_session(config, start)
     if session is None:
         return DataDir(config.data_dir).checkpoints(run_name(config))
     clock.lap("setup")
-    trainee = build_trainee(session, clock)
-    done = train(session, trainee, clock)
-    log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", session.name, done, config.max_steps,
-             time.time() - clock.started, session.ckpt_dir)
+    try:
+        trainee = build_trainee(session, clock)
+        done = train(session, trainee, clock)
+        log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", session.name, done, config.max_steps,
+                 time.time() - clock.started, session.ckpt_dir)
+    finally:
+        close_log_file()
     return session.ckpt_dir
 
 
-def start_session(config: TrainConfig) -> Session | None:
+def start_session(config: TrainConfig, start: Start | None) -> Session | None:
     """Settle and check everything that needs no model: the run, its data, its DeepSpeed config, whether it
     may resume; write the run's files. None when the run is already trained to its end."""
     from deepspeed import comm as dist
@@ -327,23 +376,25 @@ def start_session(config: TrainConfig) -> Session | None:
         raise PipelineError(
             f"--seq-len {seq_len} is longer than the {config.preset} context of {preset_context(config.preset)}."
         )
+    if start is not None:
+        pretrained.check_tokenizer(start.folder, config.init_from, start.config,
+                                   data.tokenizer(index["tokenizer"]["name"]), index["vocab_size"])
     ds = deepspeed_config(config, world_size, data.root, name)
     if config.gpu_mem_cap is not None:  # checked before anything is written
         cap_gpu_memory(config.gpu_mem_cap)
     estimate = check_fits(config, ds, index["vocab_size"], seq_len) if config.preflight else None
-    identity = run_identity(config, ds, index, shards_dir, seq_len, world_size)
+    identity = run_identity(config, ds, index, shards_dir, seq_len, world_size, start)
     if rank == 0 and config.force:
         for folder in (ckpt_dir, data.runs(name), data.nvme(name)):
             shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
-    if rank == 0:
-        log_to_file(data.runs(name) / "train.log")
     _check_resume(ckpt_dir, identity)
     end_step = min(config.max_steps, config.stop_after or config.max_steps)
     if checkpoint.latest_step(ckpt_dir) >= end_step:
         log.info("run %s is already trained to step %d: nothing to do", name, checkpoint.latest_step(ckpt_dir))
         return None
-    if rank == 0:
+    if rank == 0:  # from here on the run writes: its log file too (a refused run changes nothing)
+        log_to_file(data.runs(name) / "train.log")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(ckpt_dir / checkpoint.RUN_FILE, {"identity": identity, "config": asdict(config),
                                                            "tokenizer": index["tokenizer"]})
@@ -352,7 +403,7 @@ def start_session(config: TrainConfig) -> Session | None:
     log.info("run %s: %s", name, describe(ds))
     # The whole merged config is saved beside the checkpoints and in TensorBoard; the console gets the summary.
     log.debug("merged config:\n%s", merged_config(config, ds))
-    return Session(config, name, rank, world_size, data, index, ds, identity, seq_len, end_step, estimate)
+    return Session(config, name, rank, world_size, data, index, ds, identity, seq_len, end_step, estimate, start)
 
 
 def check_fits(config: TrainConfig, ds: dict[str, Any], vocab_size: int, seq_len: int) -> preflight.Needs:
@@ -383,8 +434,13 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
 
     config, ds = session.config, session.ds
     torch.manual_seed(config.seed)
-    model = build_model(config.preset, session.index["vocab_size"], session.index["eot_id"], config.dropout,
-                        activation=FUSED_GELU if config.fused_gelu else GPT2_GELU, device=build_device(session)).train()
+    activation = FUSED_GELU if config.fused_gelu else GPT2_GELU
+    if session.start is not None:
+        model = pretrained.load(session.start.folder, activation).to(build_device(session)).train()
+        log.info("starting from %s (%s)", config.init_from, session.start.folder)
+    else:
+        model = build_model(config.preset, session.index["vocab_size"], session.index["eot_id"], config.dropout,
+                            activation=activation, device=build_device(session)).train()
     if config.activation_checkpointing:
         enable_activation_checkpointing(model, config.activation_checkpointing, config.selective_checkpointing,
                                         config.activation_offload)

@@ -83,7 +83,7 @@ def test_make_run_builds_every_stage_and_learns(made: Path) -> None:
         assert manifest["files"], folder
     report = json.loads((made / "eval" / run / "report.json").read_text())
     assert report["step"] == 12
-    assert report["val_loss"] < report["untrained_val_loss"] - 1.0
+    assert report["val_loss"] < report["start_val_loss"] - 1.0
     assert list((made / "runs" / run).glob("events.out.tfevents.*"))
 
 

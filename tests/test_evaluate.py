@@ -63,8 +63,9 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory, builtin_data: Path) -> P
 def test_report_shows_learning_against_the_untrained_model(evaluated: Path) -> None:
     report = json.loads((evaluated / "eval" / "run" / "report.json").read_text())
     assert report["step"] == 30 and report["tokens_seen"] == 30 * 4 * 32
-    assert report["untrained_val_loss"] == pytest.approx(math.log(512), abs=0.1)  # uniform over the vocabulary
-    assert report["val_loss"] < report["untrained_val_loss"] - 0.5
+    assert report["start"] == "the untrained model"
+    assert report["start_val_loss"] == pytest.approx(math.log(512), abs=0.1)  # uniform over the vocabulary
+    assert report["val_loss"] < report["start_val_loss"] - 0.5
     assert report["val_perplexity"] == pytest.approx(math.exp(report["val_loss"]))
     assert report["eval_tokens"] == 4096
     # the manifest's timing is the stage's (it scored everything), not only the writing of its files
@@ -72,7 +73,7 @@ def test_report_shows_learning_against_the_untrained_model(evaluated: Path) -> N
     assert json.loads((evaluated / "eval" / "run" / "manifest.json").read_text())["timing"]["seconds"] > seconds / 2
     assert len(report["samples"]) == 3 and all(s["text"].startswith(s["prompt"]) for s in report["samples"])
     markdown = (evaluated / "eval" / "run" / "report.md").read_text()
-    assert f"{report['val_loss']:.4f}" in markdown and f"{report['untrained_val_loss']:.4f}" in markdown
+    assert f"{report['val_loss']:.4f}" in markdown and f"{report['start_val_loss']:.4f}" in markdown
 
 
 def test_validation_during_training_agrees_with_the_evaluate_stage(evaluated: Path) -> None:
@@ -96,7 +97,7 @@ def test_report_records_benchmarks_digests_and_a_loss_plot(evaluated: Path) -> N
     assert report["benchmarks"]["lambada"]["perplexity"] > 1
     text = report["eval_text"]
     assert (text["window"], text["stride"]) == (256, 16) and text["tokens"] > 500
-    assert text["loss"] < report["untrained_val_loss"]
+    assert text["loss"] < report["start_val_loss"]
     tokenizer_json = evaluated / "tokenizer" / report["tokenizer"]["name"] / "tokenizer.json"
     assert report["tokenizer_sha256"] == hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()
     assert report["shards"] == json.loads((evaluated / "checkpoints" / "run" / "run.json").read_text())[
