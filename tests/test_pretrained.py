@@ -149,13 +149,14 @@ def test_a_hub_id_is_found_in_the_local_hub_cache(released: tuple[Path, Path], t
     (repo / "refs" / "main").write_text(revision)
     env = {**subprocess_env(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     script = ("import json; from pipeline import pretrained; folder = pretrained.locate('someone/tiny-gpt2'); "
+              "model = pretrained.load(folder, 'gelu_pytorch_tanh'); "
               "print(json.dumps([str(folder), pretrained.source('someone/tiny-gpt2', folder), "
-              "pretrained.preset_of(pretrained.read_config(folder, 'x'), 'x')]))")
+              "pretrained.preset_of(pretrained.read_config(folder, 'x'), 'x'), model.config.n_layer]))")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    folder, source, preset = json.loads(result.stdout.strip().splitlines()[-1])
-    assert Path(folder).name == revision and preset == "tiny"
+    folder, source, preset, layers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(folder).name == revision and preset == "tiny" and layers == 6
     assert source == {"init_from": "someone/tiny-gpt2", "revision": revision}
     env.pop("HF_HOME")
     env["HF_HUB_CACHE"] = str(tmp_path / "empty-cache")

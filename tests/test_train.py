@@ -221,7 +221,7 @@ def test_the_host_waits_for_the_ranks_once_per_optimizer_step(data_copy: Path, m
                     on_nonfinite=mode)
     assert len(metrics) == 3
     assert calls.count("all_reduce_sum") == 3  # the loss and the stop flag, together
-    assert len(calls) == 1 + 3 * per_step  # 1: the disk check before the first step
+    assert len(calls) == 2 + 3 * per_step  # 2: the preflight and the disk check, before the first step
     assert "startup_seconds" in metrics[0] and "startup_seconds" not in metrics[1]
     assert metrics[0]["startup_seconds"] > 0 and metrics[0]["op_build_seconds"] >= 0
 
