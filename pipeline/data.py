@@ -103,9 +103,9 @@ def micro_batch_loader(batches: TrainBatches, rank: int, start_step: int, end_st
                        pin: bool = False) -> torch.utils.data.DataLoader:
     """The micro-batches of steps [start_step, end_step) for one rank, in order, through PyTorch's DataLoader;
     with `pin`, in page-locked memory, ready for an asynchronous copy to the GPU. The batches are read in the
-    trainer's own process (no workers): a micro-batch of GPT-2 XL comes from the memory-mapped shards in tens of
-    microseconds against a step of hundreds of milliseconds (bench/loader_bench.py, docs/BENCHMARKS.md), so a
-    background reader would hide nothing the step notices."""
+    trainer's own process (no workers): a micro-batch of GPT-2 XL comes from the memory-mapped shards in under a
+    millisecond (bench/loader_bench.py, docs/BENCHMARKS.md) while the GPU is still busy with the previous
+    micro-step, so a background reader would hide nothing the step notices."""
     accum = batches.grad_accum
     return torch.utils.data.DataLoader(MicroBatches(batches, rank), batch_size=None,
                                        sampler=range(start_step * accum, end_step * accum), pin_memory=pin)
