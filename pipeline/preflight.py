@@ -73,13 +73,28 @@ def pinned_bytes(ds: dict[str, Any], params: float) -> float:
     return pinned
 
 
+CAP_IPC_LOCK = 14  # the capability that lifts the memlock limit (linux/capability.h)
+
+
+def locks_without_limit(status: str) -> bool:
+    """Whether a process with this /proc/<pid>/status may page-lock any amount (CAP_IPC_LOCK, as root usually
+    has), whatever `ulimit -l` says."""
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    return False
+
+
 def read_machine(gpu_mem_cap_gib: float | None) -> Machine:
     memlock = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    status = Path("/proc/self/status")
+    if memlock == resource.RLIM_INFINITY or (status.is_file() and locks_without_limit(status.read_text())):
+        memlock = None
     gpu = None
     if torch.cuda.is_available():
         gpu = (gpu_mem_cap_gib + CONTEXT_GIB) * GIB if gpu_mem_cap_gib is not None else \
             torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return Machine(psutil.virtual_memory().available, None if memlock == resource.RLIM_INFINITY else memlock, gpu)
+    return Machine(psutil.virtual_memory().available, memlock, gpu)
 
 
 def check(needs: Needs, machine: Machine, config_path: str, alternatives: dict[str, Needs]) -> list[str]:

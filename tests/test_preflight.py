@@ -46,6 +46,13 @@ def test_a_low_memlock_limit_names_pin_memory() -> None:
     assert xl("zero2_offload", gpu=False).pinned_bytes == 0  # nothing is page-locked without a GPU
 
 
+def test_the_memlock_limit_binds_only_without_cap_ipc_lock() -> None:
+    root = "Name:\tpython\nCapEff:\t000001fffeffffff\n"  # as root in a container: every capability but one
+    user = "Name:\tpython\nCapEff:\t0000000000000000\n"
+    assert preflight.locks_without_limit(root) and not preflight.locks_without_limit(user)
+    assert not preflight.locks_without_limit("CapEff:\t00000000000bbfff\n")  # every capability but CAP_IPC_LOCK
+
+
 def test_a_card_too_small_names_the_micro_batch(caplog: pytest.LogCaptureFixture) -> None:
     big_batch = xl("zero2_offload", micro=64)
     small_card = Machine(host_available_bytes=100 * GIB, memlock_bytes=None, gpu_bytes=12 * GIB)
