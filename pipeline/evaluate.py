@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, pretrained, zeroshot
 from pipeline.artifacts import StageOutput, sha256_file, write_json_atomic
 from pipeline.data import TokenSequences
-from pipeline.model import LOSS_CHUNK_TOKENS, build_model, lm_loss
+from pipeline.model import FUSED_GELU, LOSS_CHUNK_TOKENS, build_model, lm_loss
 from pipeline.report import markdown, plot_loss, read_curves
 from pipeline.shard_format import load_index
 from pipeline.stage import DataDir, PipelineError, StageConfig, stage_main
@@ -179,12 +179,12 @@ def run(config: EvaluateConfig) -> Path:
     device = _device()
 
     torch.manual_seed(identity["seed"])
-    model = build_model(identity["preset"], identity["vocab_size"], index["eot_id"], identity["dropout"]).to(device)
-    start = "the untrained model"
     if "init" in identity:  # a run from released weights: what training changed is measured from them
         spec = identity["init"]["init_from"]
-        model.load_state_dict(pretrained.load(pretrained.locate(spec), model.config.activation_function).state_dict())
-        start = f"the starting weights ({spec})"
+        model, start = pretrained.load(pretrained.locate(spec), FUSED_GELU).to(device), f"the starting weights ({spec})"
+    else:
+        model = build_model(identity["preset"], identity["vocab_size"], index["eot_id"], identity["dropout"]).to(device)
+        start = "the untrained model"
     start_loss = validation_loss(model, val, config.batch_size, config.eval_tokens)
     tag, weights = checkpoint.load_weights(ckpt_dir, tag)
     missing, unexpected = model.load_state_dict(weights, strict=False)

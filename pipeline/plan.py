@@ -51,6 +51,11 @@ def shipped(package: str, folder: str) -> Any:
 
 CONFIGS = shipped("pipeline.ds_configs", "ds_configs")
 MEASURED = shipped("pipeline.measured", MEASURED_AT)
+
+
+def shipped_configs() -> list[Any]:
+    """The DeepSpeed configs onecard ships (ds_configs/*.json), by name."""
+    return sorted((p for p in CONFIGS.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
 TOKENS_PER_PARAMETER = 20  # compute-optimal (Hoffmann et al., 2022)
 # From the GPU-host measurement of GPT-2 XL (docs/BENCHMARKS.md): the allocator reserved 1.29x (ZeRO-2) and
 # 2.06x (ZeRO-3) of its peak allocation, and NVML charged the process 1.67 GiB beyond the reservation (CUDA
@@ -185,7 +190,7 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     per_token = training_flops_per_token(params - position_params, shape[0], shape[1], config.seq_len)
     measured = measured_runs()
     configs = []
-    for path in sorted((p for p in CONFIGS.iterdir() if p.name.endswith(".json")), key=lambda p: p.name):
+    for path in shipped_configs():
         ds = load_ds_config(path)
         micros = [config.micro_batch_size] if config.micro_batch_size else [32, 16, 8, 4, 2, 1]
         for micro in micros:

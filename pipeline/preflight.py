@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from pipeline.dsconfig import load_ds_config, offload_devices
 from pipeline.hardware import GIB
 from pipeline.model import preset_parameters, preset_shape
-from pipeline.plan import CONFIGS, CONTEXT_GIB, gpu_memory_bytes, host_and_disk_bytes
+from pipeline.plan import CONTEXT_GIB, gpu_memory_bytes, host_and_disk_bytes, shipped_configs
 
 log = logging.getLogger("onecard")
 
@@ -97,13 +98,17 @@ def read_machine(gpu_mem_cap_gib: float | None) -> Machine:
     return Machine(psutil.virtual_memory().available, memlock, gpu)
 
 
-def check(needs: Needs, machine: Machine, config_path: str, alternatives: dict[str, Needs]) -> list[str]:
-    """Raise nothing: the problems (each one paragraph) that stop the run, after logging the warnings."""
+def check(needs: Needs, machine: Machine, config_path: str,
+          alternatives: Callable[[], dict[str, Needs]]) -> list[str]:
+    """Raise nothing: the problems (each one paragraph) that stop the run, after logging the warnings.
+    `alternatives` (the needs of other configs) is asked for only when the run does not fit."""
     def gib(value: float) -> str:
         return f"{value / GIB:.1f} GiB"
 
-    fitting = [name for name, other in alternatives.items() if not _short(other, machine)]
-    instead = f" Configs that fit this machine: {', '.join(fitting)}." if fitting else ""
+    instead = ""
+    if _short(needs, machine):
+        fitting = [name for name, other in alternatives().items() if not _short(other, machine)]
+        instead = f" Configs that fit this machine: {', '.join(fitting)}." if fitting else ""
     problems = []
     if needs.host_bytes > machine.host_available_bytes:
         problems.append(
@@ -143,7 +148,7 @@ def shipped_alternatives(ds: dict[str, Any], preset: str, vocab_size: int, seq_l
     """The needs of every shipped config at this run's batch layout, by name."""
     layout = {key: ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
     alternatives = {}
-    for path in sorted((p for p in CONFIGS.iterdir() if p.name.endswith(".json")), key=lambda p: p.name):
+    for path in shipped_configs():
         other = {**load_ds_config(Path(path)), **layout}
         alternatives[f"ds_configs/{path.name}"] = estimate(other, preset, vocab_size, seq_len, checkpointing,
                                                            local_ranks)

@@ -339,6 +339,7 @@ class Trainee:
     start_step: int
     n_params: int
     flops_per_token: float
+    peak_tflops: float | None  # the device's dense bf16 peak, for MFU
 
 
 def run(config: TrainConfig) -> Path:
@@ -415,7 +416,7 @@ def check_fits(config: TrainConfig, ds: dict[str, Any], vocab_size: int, seq_len
              machine.host_available_bytes / GIB, needs.pinned_bytes / GIB,
              "" if needs.gpu_bytes is None else f", {needs.gpu_bytes / GIB:.1f} GiB of GPU memory "
                                                 f"({(machine.gpu_bytes or 0) / GIB:.1f} there)")
-    problems = preflight.check(needs, machine, config.deepspeed, preflight.shipped_alternatives(
+    problems = preflight.check(needs, machine, config.deepspeed, lambda: preflight.shipped_alternatives(
         ds, config.preset, vocab_size, seq_len, config.activation_checkpointing, local_ranks))
     if any_rank(bool(problems)):
         raise PipelineError(" ".join(problems) if problems else "another rank's machine cannot hold this run: see "
@@ -479,7 +480,7 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
     log.info("model %s: %.2fM parameters, %.2f GFLOP/token, %d tokens per step, training steps %d..%d of %d on %s",
              config.preset, n_params / 1e6, flops / 1e9, session.tokens_per_step, start_step + 1, session.end_step,
              config.max_steps, device_name())
-    return Trainee(engine, model, start_step, n_params, flops)
+    return Trainee(engine, model, start_step, n_params, flops, peak_tflops(config.peak_tflops))
 
 
 def build_device(session: Session) -> str:
@@ -532,8 +533,7 @@ def train(session: Session, trainee: Trainee, clock: StartupClock) -> int:
     run_inputs = {"shards": input_entry(session.shards_dir)}  # what every manifest of this run records as its input
     try:
         for step in range(start_step, session.end_step):
-            stats = train_step(session, trainee, batches, loader, step, timer, stop)
-            stopping = stats.pop("stop_requested") > 0
+            stats, stopping = train_step(session, trainee, batches, loader, step, timer, stop)
             done = step + 1
             if done == start_step + 1:
                 clock.lap("first step")
@@ -562,8 +562,9 @@ def train(session: Session, trainee: Trainee, clock: StartupClock) -> int:
 
 
 def train_step(session: Session, trainee: Trainee, batches: TrainBatches, loader: Iterator, step: int,
-               timer: PhaseTimer, stop: StopSignal) -> dict[str, Any]:
-    """One optimizer step over `grad_accum` micro-batches, and its metrics. The host waits for the device once
+               timer: PhaseTimer, stop: StopSignal) -> tuple[dict[str, Any], bool]:
+    """One optimizer step over `grad_accum` micro-batches: its metrics, and whether any rank was asked to stop.
+    The host waits for the device once
     per step, at the end (the loss, reduced over ranks with the stop flag in the same collective), never per
     micro-step — except with --on-nonfinite skip, which must look at each micro-batch's loss before its backward."""
     config, engine = session.config, trainee.engine
@@ -595,11 +596,11 @@ def train_step(session: Session, trainee: Trainee, batches: TrainBatches, loader
     grad_norm = engine.get_global_grad_norm()
     tokens_per_second = session.tokens_per_step / seconds
     tflops = trainee.flops_per_token * tokens_per_second / session.world_size / 1e12  # per device, as MFU is
-    peak = peak_tflops(config.peak_tflops)
+    peak = trainee.peak_tflops
     return {"loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_second": tokens_per_second, "tflops": tflops, "mfu": tflops / peak if peak else None,
             "step_seconds": seconds, **{f"{phase}_seconds": phases.get(phase, 0.0) for phase in PHASES},
-            "data_wait_seconds": waited, "stop_requested": float(stop_requested)}
+            "data_wait_seconds": waited}, bool(stop_requested > 0)
 
 
 PHASES = ("forward", "backward", "optimizer")

@@ -29,19 +29,19 @@ def alternatives(config: str = "zero2_offload") -> dict[str, Needs]:
 
 def test_a_32_gib_desktop_cannot_hold_xl_with_cpu_offload_and_is_pointed_at_nvme() -> None:
     desktop = Machine(host_available_bytes=28 * GIB, memlock_bytes=None, gpu_bytes=12 * GIB)
-    problems = check(xl("zero2_offload"), desktop, "ds_configs/zero2_offload.json", alternatives())
+    problems = check(xl("zero2_offload"), desktop, "ds_configs/zero2_offload.json", alternatives)
     assert len(problems) == 1
     assert "needs about 3" in problems[0] and "host RAM" in problems[0] and "28.0 GiB available" in problems[0]
     assert "Configs that fit this machine: ds_configs/zero3_nvme.json." in problems[0]
     # the same run on a 64 GB machine: nothing to say
-    assert check(xl("zero2_offload"), Machine(60 * GIB, None, 12 * GIB), "x", alternatives()) == []
+    assert check(xl("zero2_offload"), Machine(60 * GIB, None, 12 * GIB), "x", alternatives) == []
 
 
 def test_a_low_memlock_limit_names_pin_memory() -> None:
     container = Machine(host_available_bytes=100 * GIB, memlock_bytes=64 << 20, gpu_bytes=12 * GIB)
     needs = xl("zero2_offload")
     assert needs.pinned_bytes == pytest.approx(8 * 1_557_611_200)  # fp32 master weights and gradients
-    (problem,) = check(needs, container, "ds_configs/zero2_offload.json", {})
+    (problem,) = check(needs, container, "ds_configs/zero2_offload.json", dict)
     assert "memlock limit (`ulimit -l`) is 0.1 GiB" in problem and '"pin_memory": false' in problem
     assert xl("zero2_offload", gpu=False).pinned_bytes == 0  # nothing is page-locked without a GPU
 
@@ -56,14 +56,14 @@ def test_the_memlock_limit_binds_only_without_cap_ipc_lock() -> None:
 def test_a_card_too_small_names_the_micro_batch(caplog: pytest.LogCaptureFixture) -> None:
     big_batch = xl("zero2_offload", micro=64)
     small_card = Machine(host_available_bytes=100 * GIB, memlock_bytes=None, gpu_bytes=12 * GIB)
-    (problem,) = check(big_batch, small_card, "ds_configs/zero2_offload.json", {})
+    (problem,) = check(big_batch, small_card, "ds_configs/zero2_offload.json", dict)
     assert "of GPU memory at this micro-batch" in problem and "--micro-batch-size" in problem
     # fitting with less than 10% to spare: a warning, not a refusal
     # the GPU estimate runs up to 15% above NVML (tests/test_plan.py): ZeRO-3 at micro-batch 8 on a 12 GB card
     # is estimated at 12.2 GiB, measured at 11.2, and goes on with a warning
     card = Machine(host_available_bytes=100 * GIB, memlock_bytes=None, gpu_bytes=11.5 * GIB)
     with caplog.at_level(logging.WARNING, logger="onecard"):
-        assert check(xl("zero3_offload"), card, "x", {}) == []
+        assert check(xl("zero3_offload"), card, "x", dict) == []
     assert "little room to spare" in caplog.text
 
 
