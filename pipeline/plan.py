@@ -174,7 +174,9 @@ def host_and_disk_bytes(ds: dict[str, Any], params: float, model_states_cpu: flo
         return model_states_cpu, 0.0
     zero = ds["zero_optimization"]
     param_buffers = 2 * zero["offload_param"].get("buffer_count", 5) * zero["offload_param"].get("buffer_size", 1e8)
-    optimizer_buffers = 4 * 4 * zero.get("sub_group_size", 1e9) * zero["offload_optimizer"].get("buffer_count", 4)
+    # the optimizer swapper's buffers hold one sub-group, which is never larger than the model
+    sub_group = min(zero.get("sub_group_size", 1e9), params)
+    optimizer_buffers = 4 * 4 * sub_group * zero["offload_optimizer"].get("buffer_count", 4)
     # the fp32 model built on the CPU before DeepSpeed takes it over
     return 4 * params + param_buffers + optimizer_buffers, sum(need.bytes for need in swap)
 

@@ -67,7 +67,7 @@ def pinned_bytes(ds: dict[str, Any], params: float) -> float:
     pinned = 0.0
     if optimizer_device != "none" and zero["offload_optimizer"].get("pin_memory"):
         pinned += 8 * params if optimizer_device == "cpu" else \
-            4 * 4 * zero.get("sub_group_size", 1e9) * zero["offload_optimizer"].get("buffer_count", 4)
+            4 * 4 * min(zero.get("sub_group_size", 1e9), params) * zero["offload_optimizer"].get("buffer_count", 4)
     if params_device != "none" and zero["offload_param"].get("pin_memory"):
         pinned += 2 * params if params_device == "cpu" else \
             2 * zero["offload_param"].get("buffer_count", 5) * zero["offload_param"].get("buffer_size", 1e8)
