@@ -191,16 +191,23 @@ def main() -> None:
     for number in range(config.trials):
         targets = config.targets.split(",")
         target = targets[number % len(targets)]
-        data_dir = prepare(config, config.work / f"trial{number:03d}", target)
-        command = stage_command(target, config, data_dir)
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if target in STAGE_OF:
             moment = rng.uniform(0.0, 0.95) * durations[target]
         elif target == "train":
             moment = rng.randrange(1, config.train_steps) + rng.random()
         else:
             moment = rng.randrange(config.checkpoint_every, config.train_steps + 1, config.checkpoint_every)
-        killed = kill_when(process, target, data_dir, moment)
+        # A data stage may finish before a moment late in its window (its reference run was slower: the first to
+        # run on a cold machine); it is started anew with the moment halved, so that every trial is a kill.
+        for _ in range(4):
+            shutil.rmtree(config.work / f"trial{number:03d}", ignore_errors=True)
+            data_dir = prepare(config, config.work / f"trial{number:03d}", target)
+            command = stage_command(target, config, data_dir)
+            process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            killed = kill_when(process, target, data_dir, moment)
+            if killed or target not in STAGE_OF:
+                break
+            moment /= 2
         corrupt, partial = corrupt_outputs(data_dir), partial_state(data_dir)
         run_to_end(command)
         if target in STAGE_OF:
