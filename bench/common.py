@@ -23,6 +23,7 @@ from pipeline.data import TokenSequences, TrainBatches  # noqa: E402
 from pipeline.distributed import launch_time  # noqa: E402
 from pipeline.hardware import MemoryProbe, device_name, peak_tflops  # noqa: E402
 from pipeline.model import build_model, flops_per_token, preset_context  # noqa: E402
+from pipeline.precision import detect  # noqa: E402
 from pipeline.shard_format import load_index  # noqa: E402
 from pipeline.stage import DataDir, default_data_dir  # noqa: E402
 
@@ -35,7 +36,7 @@ class BenchConfig:
     warmup_steps: int = field(default=3, metadata={"help": "first steps left out of the throughput"})
     micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    precision: str = field(default="bf16", metadata={"help": "bf16 or fp32"})
+    precision: str = field(default="auto", metadata={"help": "bf16 or fp32, or auto: the device's (onecard's `auto`)"})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute every block's activations in the backward pass, in every system"})
     torch_compile: bool = field(
@@ -47,6 +48,12 @@ class BenchConfig:
     config: str = field(default="", metadata={"help": "the system's configuration (a DeepSpeed JSON, a mode)"})
     result: Path = field(default=Path("result.json"), metadata={"help": "where to write the result"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
+
+    def __post_init__(self) -> None:
+        if self.precision == "auto":
+            self.precision = detect().precision
+        if self.precision not in ("bf16", "fp32"):  # the PyTorch and Trainer workers have no loss scaling
+            raise SystemExit(f"--precision {self.precision}: the benchmark's systems run bf16 or fp32.")
 
     @property
     def context(self) -> int:
@@ -105,7 +112,7 @@ def summarise(system: str, config: BenchConfig, flops: float, losses: list[float
     tokens_per_step = tokens_in_step(config)
     timed = seconds[config.warmup_steps:] or seconds
     tokens_per_second = tokens_per_step / statistics.median(timed) if timed else None
-    peak = peak_tflops()
+    peak = peak_tflops(config.precision)
     tflops = flops * tokens_per_second / 1e12 if tokens_per_second else None
     return {
         **base_record(system, config, command),

@@ -46,7 +46,7 @@ def main() -> None:
 
     with torch.device("meta"):
         xl_flops = flops_per_token(build_model("gpt2-xl", 50257, 50256), config.seq_len)
-    ceiling = lookup_gpu("H100 80GB HBM3").peak_bf16_tflops * 1e12 / xl_flops  # tokens/s at 100% MFU
+    ceiling = lookup_gpu("H100 80GB HBM3").bf16_tflops * 1e12 / xl_flops  # tokens/s at 100% MFU
 
     started = time.perf_counter()
     for step in range(config.batches):

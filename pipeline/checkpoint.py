@@ -137,7 +137,8 @@ def disk_needs(ckpt_dir: Path, n_params: int, ds: dict[str, Any], nvme_too: bool
 def nvme_swap_needs(n_params: float, ds: dict[str, Any]) -> list[DiskNeed]:
     """DeepSpeed's NVMe swap: 12 bytes per parameter for the optimizer, 2 or 4 for the parameters, 20% over for
     its alignment and buffers; empty without NVMe offload."""
-    from pipeline.dsconfig import offload_devices, precision
+    from pipeline.dsconfig import offload_devices
+    from pipeline.precision import precision_of
 
     params_device, optimizer_device = offload_devices(ds)
     zero, needs = ds["zero_optimization"], []
@@ -145,7 +146,7 @@ def nvme_swap_needs(n_params: float, ds: dict[str, Any]) -> list[DiskNeed]:
         needs.append(DiskNeed(Path(zero["offload_optimizer"]["nvme_path"]), 1.2 * 12 * n_params,
                               "the NVMe optimizer swap"))
     if params_device == "nvme":
-        width = 4 if precision(ds) == "fp32" else 2
+        width = 4 if precision_of(ds) == "fp32" else 2
         needs.append(DiskNeed(Path(zero["offload_param"]["nvme_path"]), 1.2 * width * n_params,
                               "the NVMe parameter swap"))
     return needs
@@ -201,9 +202,12 @@ def _fsync_files(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def load_latest(engine: Any, ckpt_dir: Path, universal: bool = False) -> dict[str, Any] | None:
+def load_latest(engine: Any, ckpt_dir: Path, universal: bool = False,
+                new_precision: bool = False) -> dict[str, Any] | None:
     """Restore engine, optimizer and scheduler from the latest checkpoint — from its universal form
-    (`convert_to_universal`) when the engine was configured to load one; its client state, or None."""
+    (`convert_to_universal`) when the engine was configured to load one; its client state, or None. With
+    `new_precision` (a run resumed in another precision) the engine keeps its own loss scaler: the checkpoint's
+    belongs to the precision it was written in."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
@@ -212,9 +216,14 @@ def load_latest(engine: Any, ckpt_dir: Path, universal: bool = False) -> dict[st
     # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the first group's hyperparameters,
     # which would put weight decay on biases and LayerNorm gains; they are this run's, as configured.
     configured = [{k: v for k, v in group.items() if k in ("weight_decay", "betas", "eps")} for group in groups]
+    scaling = {name: getattr(engine.optimizer, name) for name in ("loss_scaler", "dynamic_loss_scale")
+               if hasattr(engine.optimizer, name)}
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise PipelineError(f"DeepSpeed could not load {load_dir / tag}. Start over with --force.")
+    if new_precision:
+        for name, value in scaling.items():
+            setattr(engine.optimizer, name, value)
     for group, hyperparameters in zip(groups, configured, strict=True):
         group.update(hyperparameters)
     if engine.zero_nvme_offload_optimizer():

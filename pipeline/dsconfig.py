@@ -15,9 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.precision import precision_of
 from pipeline.stage import PipelineError
-
-PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 def load_ds_config(path: Path | str) -> dict[str, Any]:
@@ -40,13 +39,6 @@ def load_ds_config(path: Path | str) -> dict[str, Any]:
     return config
 
 
-def precision(ds: dict[str, Any]) -> str:
-    for name in ("bf16", "fp16"):
-        if ds.get(name, {}).get("enabled") is True:
-            return name
-    return "fp32"
-
-
 def offload_devices(ds: dict[str, Any]) -> tuple[str, str]:
     """(parameter offload device, optimizer offload device): each 'none', 'cpu' or 'nvme'."""
     zero = ds.get("zero_optimization", {})
@@ -58,7 +50,7 @@ def describe(ds: dict[str, Any]) -> str:
     params, optimizer = offload_devices(ds)
     world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
     return (f"ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)}, parameters on {_place(params)}, optimizer on "
-            f"{_place(optimizer)}, {precision(ds)}, batch {ds['train_micro_batch_size_per_gpu']} per rank x "
+            f"{_place(optimizer)}, {precision_of(ds)}, batch {ds['train_micro_batch_size_per_gpu']} per rank x "
             f"{ds['gradient_accumulation_steps']} accumulation x {world} ranks = {ds['train_batch_size']} sequences")
 
 
@@ -66,8 +58,12 @@ def _place(device: str) -> str:
     return {"none": "the accelerator", "cpu": "CPU", "nvme": "NVMe"}[device]
 
 
+# The one place a config may say "auto": the precision, which pipeline.precision settles by the hardware.
+AUTO_ALLOWED = ("bf16.enabled", "fp16.enabled")
+
+
 def _find_auto(value: Any, where: str = "") -> str | None:
-    if value == "auto":
+    if value == "auto" and where not in AUTO_ALLOWED:
         return where or "(top level)"
     if isinstance(value, dict):
         for key, item in value.items():
@@ -86,7 +82,6 @@ def merge_ds_config(
     nvme_path: str | None = None,
     micro_batch_size: int | None = None,
     grad_accum: int | None = None,
-    precision_override: str | None = None,
     lr: float | None = None,
 ) -> dict[str, Any]:
     """The config DeepSpeed will run: `ds` with the command-line values merged in, validated.
@@ -97,18 +92,13 @@ def merge_ds_config(
     ds = copy.deepcopy(ds)
     if where := _find_auto(ds):
         raise PipelineError(
-            f"{source}: {where} is \"auto\". That is a Hugging Face Trainer placeholder; onecard passes the JSON "
-            "to DeepSpeed as is, so give a value (or leave the key out)."
+            f"{source}: {where} is \"auto\". That is a Hugging Face Trainer placeholder, which onecard takes only "
+            "for the precision (bf16.enabled, fp16.enabled: the hardware chooses); give a value (or leave the key out)."
         )
     if micro_batch_size is not None:
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
     if grad_accum is not None:
         ds["gradient_accumulation_steps"] = grad_accum
-    if precision_override is not None:
-        if precision_override not in PRECISIONS:
-            raise PipelineError(f"--precision {precision_override}: choose one of {', '.join(PRECISIONS)}.")
-        ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision_override == "bf16"}
-        ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision_override == "fp16"}
     if "optimizer" not in ds:
         raise PipelineError(
             f"{source} has no \"optimizer\" section. onecard lets DeepSpeed build the optimizer (so it can be "
@@ -117,8 +107,6 @@ def merge_ds_config(
     if lr is not None:
         ds["optimizer"].setdefault("params", {})["lr"] = lr
     _check_batch(ds, source, world_size)
-    if ds.get("bf16", {}).get("enabled") is True and ds.get("fp16", {}).get("enabled") is True:
-        raise PipelineError(f"{source} enables both bf16 and fp16; enable one (or neither, for fp32).")
     zero = ds.get("zero_optimization", {})
     if zero.get("stage", 0) not in (0, 1, 2, 3):
         raise PipelineError(f"{source}: zero_optimization.stage is {zero.get('stage')!r}; it must be 0, 1, 2 or 3.")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from pipeline.precision import Choice, for_gpu
 from pipeline.stage import PipelineError
 
 GIB = 1 << 30
@@ -18,24 +19,51 @@ GIB = 1 << 30
 class GPU:
     name: str
     memory_gib: float
-    peak_bf16_tflops: float  # dense tensor-core bf16 with fp32 accumulation, no sparsity (vendor datasheets)
+    capability: tuple[int, int]  # CUDA compute capability: what `auto` precision picks (pipeline/precision.py)
+    # Dense peaks in TFLOP/s, no sparsity, from the vendor's datasheets: tensor cores with fp32 accumulation for
+    # bf16 and fp16 (GeForce cards run that at half their fp16-accumulate rate), CUDA cores for fp32 (PyTorch
+    # leaves TF32 off for matmuls); None where the card has no tensor cores for that type.
+    bf16_tflops: float | None
+    fp16_tflops: float | None
+    fp32_tflops: float
     watts: float  # board power (TDP), for energy estimates
 
+    def peak_tflops(self, precision: str) -> float | None:
+        return {"bf16": self.bf16_tflops, "fp16": self.fp16_tflops, "fp32": self.fp32_tflops}[precision]
 
-# Longer names first: "RTX 4070 Ti" must not be taken for "RTX 4070".
+    @property
+    def auto(self) -> Choice:
+        """The precision `auto` picks on this card."""
+        return for_gpu(self.name, self.capability)
+
+
+# Sources: NVIDIA's H100 and H200 datasheets, the A100 datasheet, the Ada (RTX 40), Ampere GA102 (RTX 30) and
+# Turing (RTX 20, Titan RTX) architecture whitepapers' appendix tables, the T4 and V100 datasheets, and the
+# GeForce GTX 1080 Ti / Titan Xp specifications (Pascal: boost clock x 2 x CUDA cores). Longer names first:
+# "RTX 4070 Ti" must not be taken for "RTX 4070".
 GPUS = (
-    GPU("H100 80GB HBM3", 80, 989.4, 700),  # H100 SXM
-    GPU("H100 PCIe", 80, 756.5, 350),
-    GPU("H200", 141, 989.4, 700),
-    GPU("A100-SXM4-80GB", 80, 312.0, 400),
-    GPU("A100-SXM4-40GB", 40, 312.0, 400),
-    GPU("A100 80GB PCIe", 80, 312.0, 300),
-    GPU("A100-PCIE-40GB", 40, 312.0, 250),
-    GPU("RTX 4090", 24, 165.2, 450),
-    GPU("RTX 4070 Ti SUPER", 16, 88.2, 285),
-    GPU("RTX 4070 Ti", 12, 80.2, 285),
-    GPU("RTX 3090", 24, 71.0, 350),
-    GPU("RTX 3060", 12, 25.6, 170),
+    GPU("H100 80GB HBM3", 80, (9, 0), 989.4, 989.4, 66.9, 700),  # H100 SXM
+    GPU("H100 PCIe", 80, (9, 0), 756.5, 756.5, 51.2, 350),
+    GPU("H200", 141, (9, 0), 989.4, 989.4, 66.9, 700),
+    GPU("A100-SXM4-80GB", 80, (8, 0), 312.0, 312.0, 19.5, 400),
+    GPU("A100-SXM4-40GB", 40, (8, 0), 312.0, 312.0, 19.5, 400),
+    GPU("A100 80GB PCIe", 80, (8, 0), 312.0, 312.0, 19.5, 300),
+    GPU("A100-PCIE-40GB", 40, (8, 0), 312.0, 312.0, 19.5, 250),
+    GPU("RTX 4090", 24, (8, 9), 165.2, 165.2, 82.6, 450),
+    GPU("RTX 4070 Ti SUPER", 16, (8, 9), 88.2, 88.2, 44.1, 285),
+    GPU("RTX 4070 Ti", 12, (8, 9), 80.2, 80.2, 40.1, 285),
+    GPU("RTX 3090", 24, (8, 6), 71.0, 71.0, 35.6, 350),
+    GPU("RTX 3060", 12, (8, 6), 25.6, 25.6, 12.7, 170),
+    # Before Ampere: no bf16 tensor cores (bf16 runs emulated); `auto` trains these in fp16 (Volta, Turing) or
+    # fp32 (Pascal).
+    GPU("TITAN RTX", 24, (7, 5), None, 130.5, 16.3, 280),
+    GPU("RTX 2080 Ti", 11, (7, 5), None, 53.8, 13.4, 250),  # reference clocks (Founders Edition: 56.9, 14.2)
+    GPU("RTX 2060", 12, (7, 5), None, 28.7, 7.2, 184),  # the 12 GB board (2176 CUDA cores; the 6 GB one has 1920)
+    GPU("Tesla T4", 16, (7, 5), None, 65.0, 8.1, 70),
+    GPU("V100-SXM2", 16, (7, 0), None, 125.0, 15.7, 300),  # 16 and 32 GB boards: the same peaks
+    GPU("V100-PCIE", 16, (7, 0), None, 112.0, 14.0, 250),
+    GPU("GTX 1080 Ti", 11, (6, 1), None, None, 11.3, 250),
+    GPU("TITAN Xp", 12, (6, 1), None, None, 12.1, 250),
 )
 
 
@@ -50,12 +78,13 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def peak_tflops(override: float | None = None) -> float | None:
-    """The device's dense bf16 peak, for MFU: --peak-tflops if given, else the table; None when unknown."""
+def peak_tflops(precision: str, override: float | None = None) -> float | None:
+    """The device's dense peak in the precision a run computes in, for MFU: --peak-tflops if given, else the
+    table; None when unknown (a CPU, a card not in the table)."""
     if override is not None:
         return override
     gpu = lookup_gpu(device_name())
-    return gpu.peak_bf16_tflops if gpu and torch.cuda.is_available() else None
+    return gpu.peak_tflops(precision) if gpu and torch.cuda.is_available() else None
 
 
 def cap_gpu_memory(cap_gib: float) -> None:

@@ -23,6 +23,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from pipeline import precision as precisions
 from pipeline.dsconfig import load_ds_config, offload_devices
 from pipeline.hardware import GIB, GPUS, lookup_gpu
 from pipeline.model import (
@@ -63,6 +64,8 @@ TOKENS_PER_PARAMETER = 20  # compute-optimal (Hoffmann et al., 2022)
 FRAGMENTATION = {2: 1.29, 3: 2.06}
 CONTEXT_GIB = 1.67
 ACTIVATION_BYTES_PER_LAYER = 34  # x batch x seq x width, bf16, flash attention (Korthikanti et al., 2022)
+# A CUDA card not in the table is taken to be a recent one: `auto` would train it in bf16.
+UNKNOWN_CARD = precisions.Choice("bf16", "auto: a card not in the table, taken to have bf16 tensor cores")
 
 
 @dataclass
@@ -76,7 +79,11 @@ class PlanConfig:
     gpu: str = field(default="RTX 4070 Ti",
                      metadata={"help": f"a card of the table: {', '.join(g.name for g in GPUS)}"})
     gpu_memory_gib: float | None = field(default=None, metadata={"help": "the card's memory, instead of the table's"})
-    gpu_peak_tflops: float | None = field(default=None, metadata={"help": "its dense bf16 peak, instead"})
+    gpu_peak_tflops: float | None = field(default=None, metadata={"help": "its dense peak in the run's precision, "
+                                                                   "instead"})
+    precision: str = field(default="auto", metadata={"help": "bf16 | fp16 | fp32, or auto: what training picks on "
+                                                     "that card (bf16 from compute capability 8.0, fp16 on 7.x, "
+                                                     "fp32 before)"})
     gpu_watts: float | None = field(default=None, metadata={"help": "its board power, instead"})
     host_ram_gib: float = field(default=64.0, metadata={"help": "host RAM"})
     nvme_free_gib: float = field(default=0.0, metadata={"help": "free space on a fast local SSD for NVMe offload"})
@@ -111,9 +118,17 @@ def card(config: PlanConfig) -> dict[str, Any]:
     if gpu is None and None in explicit:
         raise PipelineError(f"--gpu {config.gpu!r} is not in the table ({', '.join(g.name for g in GPUS)}); pick "
                             "one, or give --gpu-memory-gib and --gpu-peak-tflops (and --gpu-watts for energy).")
+    if config.precision == precisions.AUTO:
+        choice = gpu.auto if gpu else UNKNOWN_CARD
+    elif config.precision in precisions.PRECISIONS:
+        choice = precisions.Choice(config.precision, "set by --precision")
+    else:
+        raise PipelineError(f"--precision {config.precision}: choose one of auto, "
+                            f"{', '.join(precisions.PRECISIONS)}.")
     return {"name": gpu.name if gpu else config.gpu,
             "memory_gib": config.gpu_memory_gib or gpu.memory_gib,
-            "peak_bf16_tflops": config.gpu_peak_tflops or gpu.peak_bf16_tflops,
+            "precision": choice.precision, "precision_reason": choice.reason,
+            "peak_tflops": config.gpu_peak_tflops or gpu.peak_tflops(choice.precision),
             "watts": config.gpu_watts or (gpu.watts if gpu else None)}
 
 
@@ -130,7 +145,8 @@ def measured_runs() -> dict[str, dict[str, Any]]:
 def gpu_memory_bytes(ds: dict[str, Any], params: float, shape: tuple[int, int, int, int], seq_len: int,
                      micro: int, checkpointing: int, vocab_size: int) -> dict[str, float]:
     """The GPU bytes of one config, term by term: DeepSpeed's estimate of the model states, then what it
-    leaves out; `total` adds fragmentation and the CUDA context."""
+    leaves out; `total` adds fragmentation and the CUDA context. In fp32 (a card without tensor cores) every
+    term that bf16 or fp16 keeps in 2 bytes per value takes 4."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -158,6 +174,9 @@ def gpu_memory_bytes(ds: dict[str, Any], params: float, shape: tuple[int, int, i
     # ZeRO-1 with an offloaded optimizer keeps every bf16 gradient on the GPU between micro-steps, in
     # allocations made once: they do not fragment
     gradients = 2 * params if stage == 1 and optimizer_device != "none" else 0.0
+    widen = 2.0 if precisions.precision_of(ds) == "fp32" else 1.0
+    gpu, working, buffers, activations, gradients = (widen * term for term in
+                                                     (gpu, working, buffers, activations, gradients))
     allocated = gpu + working + buffers + activations + logits
     return {"model_states": gpu, "gradients": gradients, "model_states_cpu": cpu, "working_parameters": working,
             "buffers": buffers, "activations": activations, "logits": logits, "allocated": allocated + gradients,
@@ -193,7 +212,7 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     measured = measured_runs()
     configs = []
     for path in shipped_configs():
-        ds = load_ds_config(path)
+        ds = precisions.apply(load_ds_config(path), gpu["precision"])
         micros = [config.micro_batch_size] if config.micro_batch_size else [32, 16, 8, 4, 2, 1]
         for micro in micros:
             memory = gpu_memory_bytes(ds, params, shape, config.seq_len, micro, config.activation_checkpointing,
@@ -213,8 +232,8 @@ def plan(config: PlanConfig) -> dict[str, Any]:
                  "fits_detail": fits, "mfu": mfu,
                  "mfu_source": "--mfu" if config.mfu else (f"measured: {MEASURED_AT}/onecard-"
                                                           f"{path.stem}.json" if run else None)}
-        if mfu:
-            seconds = per_token * tokens / (mfu * gpu["peak_bf16_tflops"] * 1e12)
+        if mfu and gpu["peak_tflops"]:
+            seconds = per_token * tokens / (mfu * gpu["peak_tflops"] * 1e12)
             entry.update(days=seconds / 86400, tokens_per_second=tokens / seconds,
                          energy_kwh=seconds * gpu["watts"] / 3.6e6 if gpu["watts"] else None)
         configs.append(entry)
@@ -239,8 +258,8 @@ def table(result: dict[str, Any]) -> str:
              f"{compute['flops_per_token'] / 1e9:.2f} GFLOP/token; {result['tokens'] / 1e9:,.2f}B tokens "
              f"(compute-optimal: {compute['compute_optimal_tokens'] / 1e9:,.1f}B) = "
              f"{compute['training_flops']:.3g} FLOPs (6ND alone: {compute['dense_6nd_flops']:.3g})",
-             f"{gpu['name']}: {gpu['memory_gib']} GiB, {gpu['peak_bf16_tflops']} TFLOP/s dense bf16, "
-             f"{gpu['watts'] or '?'} W", "",
+             f"{gpu['name']}: {gpu['memory_gib']} GiB, {gpu['watts'] or '?'} W; trains in {gpu['precision']} "
+             f"({gpu['precision_reason']}), {gpu['peak_tflops'] or '?'} TFLOP/s dense peak in it", "",
              "| config | micro × accum | GPU GiB (states + activations + ...) | host GiB | NVMe GiB | fits | MFU "
              "| days | kWh |", "|---|---|---|---|---|---|---|---|---|"]
     for c in result["configs"]:

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import torch
 
+from pipeline import precision as precisions
 from pipeline.dsconfig import load_ds_config, offload_devices
 from pipeline.hardware import GIB
 from pipeline.model import preset_parameters, preset_shape
@@ -145,11 +146,11 @@ def _short(needs: Needs, machine: Machine) -> bool:
 
 def shipped_alternatives(ds: dict[str, Any], preset: str, vocab_size: int, seq_len: int, checkpointing: int,
                          local_ranks: int) -> dict[str, Needs]:
-    """The needs of every shipped config at this run's batch layout, by name."""
+    """The needs of every shipped config at this run's batch layout and precision, by name."""
     layout = {key: ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
     alternatives = {}
     for path in shipped_configs():
-        other = {**load_ds_config(Path(path)), **layout}
+        other = precisions.apply({**load_ds_config(Path(path)), **layout}, precisions.precision_of(ds))
         alternatives[f"ds_configs/{path.name}"] = estimate(other, preset, vocab_size, seq_len, checkpointing,
                                                            local_ranks)
     return alternatives

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint, preflight, pretrained
+from pipeline import precision as precisions
 from pipeline.artifacts import input_entry, require_free_space, write_json_atomic
 from pipeline.data import TokenSequences, TrainBatches, micro_batch_loader
 from pipeline.distributed import (
@@ -45,7 +46,6 @@ from pipeline.dsconfig import (
     load_ops,
     merge_ds_config,
     offload_devices,
-    precision,
 )
 from pipeline.hardware import GIB, MemoryProbe, cap_gpu_memory, device_name, peak_tflops
 from pipeline.metrics import Metrics
@@ -95,7 +95,12 @@ class TrainConfig(StageConfig):
     min_lr_ratio: float = field(default=0.1, metadata={"help": "the cosine decays to this fraction of the peak"})
     micro_batch_size: int | None = field(default=None, metadata={"help": "override the JSON's micro-batch"})
     grad_accum: int | None = field(default=None, metadata={"help": "override gradient_accumulation_steps"})
-    precision: Literal["bf16", "fp16", "fp32"] | None = field(default=None, metadata={"help": "override precision"})
+    precision: Literal["auto", "bf16", "fp16", "fp32"] | None = field(default=None, metadata={
+        "help": "override the JSON's precision; auto: the hardware's choice (bf16 on CUDA 8.0+ and on CPUs with "
+                "AVX512-BF16/AMX, fp16 on CUDA 7.x, else fp32), which the shipped configs ask for"})
+    allow_precision_change: bool = field(default=False, metadata={
+        "help": "resume a run in another precision than it was trained in (the fp32 master weights and Adam "
+                "moments carry over; an fp16 loss scale starts anew)"})
     lr: float | None = field(default=None, metadata={"help": "override the optimizer's peak learning rate"})
     activation_checkpointing: int = field(
         default=0, metadata={"help": "recompute activations of every k-th transformer block in the backward "
@@ -117,7 +122,8 @@ class TrainConfig(StageConfig):
     gpu_mem_cap: float | None = field(
         default=None, metadata={"help": "cap this process's GPU allocator at this many GiB (emulate a smaller card)"})
     peak_tflops: float | None = field(
-        default=None, metadata={"help": "the GPU's dense bf16 peak for MFU (default: from the built-in table)"})
+        default=None, metadata={"help": "the GPU's dense peak in the run's precision, for MFU (default: from the "
+                                "built-in table)"})
     seed: int = field(default=1337, metadata={"help": "seeds the weights and the data order"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability (GPT-2 pre-training: 0)"})
     stop_after: int | None = field(
@@ -190,14 +196,16 @@ def lr_schedule(config: TrainConfig) -> partial[float]:
     return partial(lr_ratio, warmup_steps=warmup, max_steps=config.max_steps, min_ratio=config.min_lr_ratio)
 
 
-def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name: str) -> dict[str, Any]:
-    """The run's DeepSpeed config: the JSON with the command-line overrides merged in, checked for what
-    this trainer needs before anything is allocated."""
+def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path,
+                     name: str) -> tuple[dict[str, Any], precisions.Choice]:
+    """The run's DeepSpeed config, its precision settled: the JSON with the command-line overrides merged in,
+    checked for what this trainer needs before anything is allocated."""
     ds = merge_ds_config(
         load_ds_config(config.deepspeed), config.deepspeed, world_size=world_size, data_dir=data_root, run=name,
         nvme_path=config.nvme_path, micro_batch_size=config.micro_batch_size, grad_accum=config.grad_accum,
-        precision_override=config.precision, lr=config.lr,
+        lr=config.lr,
     )
+    ds, choice = precisions.resolve(ds, config.deepspeed, config.precision)
     if "scheduler" in ds:
         raise PipelineError(
             f"{config.deepspeed} has a \"scheduler\" section; onecard sets the schedule itself (warmup + cosine: "
@@ -206,7 +214,7 @@ def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name
     if ds.get("zero_optimization", {}).get("stage", 0) == 0:
         raise PipelineError(f"{config.deepspeed} does not enable ZeRO; use stage 1, 2 or 3 (see ds_configs/).")
     check_nvme(ds)
-    return ds
+    return ds, choice
 
 
 def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any], shards_dir: Path, seq_len: int,
@@ -220,7 +228,7 @@ def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any],
                 "world_size": world_size, "micro_batch_size": ds["train_micro_batch_size_per_gpu"],
                 "grad_accum": ds["gradient_accumulation_steps"],
                 "zero_stage": ds["zero_optimization"]["stage"], "offload": offload_devices(ds),
-                "precision": precision(ds), "optimizer": ds["optimizer"],
+                "precision": precisions.precision_of(ds), "optimizer": ds["optimizer"],
                 "gradient_clipping": ds.get("gradient_clipping")}
     if start is not None:
         identity["init"] = start.source
@@ -232,13 +240,24 @@ def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any],
 LAYOUT = ("world_size", "micro_batch_size", "grad_accum")
 
 
-def _check_resume(ckpt_dir: Path, identity: dict[str, Any]) -> None:
+def _check_resume(ckpt_dir: Path, identity: dict[str, Any], choice: precisions.Choice,
+                  allow_precision_change: bool) -> bool:
+    """Refuse to resume a run with settings that would make it another run; whether it switches precision."""
     path = ckpt_dir / checkpoint.RUN_FILE
     if not path.is_file():
-        return
-    saved = json.loads(path.read_text())["identity"]
+        return False
+    run_file = json.loads(path.read_text())
+    saved = run_file["identity"]
+    switches = saved.get("precision") != identity["precision"]
+    if switches and not allow_precision_change:
+        was = run_file.get("precision", {}).get("reason")
+        raise PipelineError(
+            f"{ckpt_dir} was trained in {saved.get('precision')}{f' ({was})' if was else ''}, and this run would "
+            f"train in {choice}. A run keeps its precision: resume it with --precision {saved.get('precision')}, "
+            "or switch on purpose with --allow-precision-change (the fp32 master weights and Adam moments carry "
+            "over; an fp16 loss scale starts anew).")
     changed = sorted(key for key in set(saved) | set(identity)
-                     if key not in LAYOUT and saved.get(key) != identity.get(key))
+                     if key not in (*LAYOUT, "precision") and saved.get(key) != identity.get(key))
     if changed:
         raise PipelineError(
             f"{ckpt_dir} holds a run made with different settings ({', '.join(changed)}), so it cannot be "
@@ -246,6 +265,10 @@ def _check_resume(ckpt_dir: Path, identity: dict[str, Any]) -> None:
             + (" (The number of ranks, the micro-batch and the accumulation may change, as long as their product, "
                "the global batch, does not.)" if "train_batch_size" in changed else "")
         )
+    if switches:
+        log.warning("resuming %s in %s, after training in %s (--allow-precision-change)", ckpt_dir.name,
+                    identity["precision"], saved.get("precision"))
+    return switches
 
 
 def _resharding(ckpt_dir: Path, ds: dict[str, Any], world_size: int) -> bool:
@@ -308,6 +331,8 @@ class Session:
     end_step: int
     estimate: preflight.Needs | None
     start: Start | None
+    precision: precisions.Choice
+    switches_precision: bool  # resumed in another precision than it was trained in (--allow-precision-change)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -339,7 +364,7 @@ class Trainee:
     start_step: int
     n_params: int
     flops_per_token: float
-    peak_tflops: float | None  # the device's dense bf16 peak, for MFU
+    peak_tflops: float | None  # the device's dense peak in the run's precision, for MFU
 
 
 def run(config: TrainConfig) -> Path:
@@ -380,7 +405,7 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
     if start is not None:
         pretrained.check_tokenizer(start.folder, config.init_from, start.config,
                                    data.tokenizer(index["tokenizer"]["name"]), index["vocab_size"])
-    ds = deepspeed_config(config, world_size, data.root, name)
+    ds, choice = deepspeed_config(config, world_size, data.root, name)
     if config.gpu_mem_cap is not None:  # checked before anything is written
         cap_gpu_memory(config.gpu_mem_cap)
     estimate = check_fits(config, ds, index["vocab_size"], seq_len) if config.preflight else None
@@ -389,7 +414,7 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
         for folder in (ckpt_dir, data.runs(name), data.nvme(name)):
             shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
-    _check_resume(ckpt_dir, identity)
+    switches_precision = _check_resume(ckpt_dir, identity, choice, config.allow_precision_change)
     end_step = min(config.max_steps, config.stop_after or config.max_steps)
     if checkpoint.latest_step(ckpt_dir) >= end_step:
         log.info("run %s is already trained to step %d: nothing to do", name, checkpoint.latest_step(ckpt_dir))
@@ -398,13 +423,16 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
         log_to_file(data.runs(name) / "train.log")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(ckpt_dir / checkpoint.RUN_FILE, {"identity": identity, "config": asdict(config),
+                                                           "precision": asdict(choice),
                                                            "tokenizer": index["tokenizer"]})
         write_json_atomic(ckpt_dir / "ds_config.json", ds)
     dist.barrier()
     log.info("run %s: %s", name, describe(ds))
+    log.info("precision %s", choice)
     # The whole merged config is saved beside the checkpoints and in TensorBoard; the console gets the summary.
-    log.debug("merged config:\n%s", merged_config(config, ds))
-    return Session(config, name, rank, world_size, data, index, ds, identity, seq_len, end_step, estimate, start)
+    log.debug("merged config:\n%s", merged_config(config, ds, choice))
+    return Session(config, name, rank, world_size, data, index, ds, identity, seq_len, end_step, estimate, start,
+                   choice, switches_precision)
 
 
 def check_fits(config: TrainConfig, ds: dict[str, Any], vocab_size: int, seq_len: int) -> preflight.Needs:
@@ -424,8 +452,8 @@ def check_fits(config: TrainConfig, ds: dict[str, Any], vocab_size: int, seq_len
     return needs
 
 
-def merged_config(config: TrainConfig, ds: dict[str, Any]) -> str:
-    return json.dumps({"train": asdict(config), "deepspeed": ds}, indent=2, default=str)
+def merged_config(config: TrainConfig, ds: dict[str, Any], choice: precisions.Choice) -> str:
+    return json.dumps({"train": asdict(config), "precision": asdict(choice), "deepspeed": ds}, indent=2, default=str)
 
 
 def build_trainee(session: Session, clock: StartupClock) -> Trainee:
@@ -463,7 +491,10 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
     )
     release_build_memory()
     clock.lap("engine")
-    client_state = checkpoint.load_latest(engine, session.ckpt_dir, universal=resharding)
+    client_state = checkpoint.load_latest(engine, session.ckpt_dir, universal=resharding,
+                                          new_precision=session.switches_precision)
+    if session.precision.precision == "fp16":  # a loss scale at its floor stops the run with onecard's own error
+        engine.optimizer.loss_scaler.raise_error_at_min_scale = False
     if resharding:  # loaded on every rank: the conversion (as big as the checkpoint's fp32 states) has done its job
         dist.barrier()
         if session.rank == 0:
@@ -472,15 +503,17 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
     if client_state:
         checkpoint.restore_rng_states(client_state["rng"])
         # The checkpoint holds the learning rate of its own schedule; a resumed run with a new --max-steps
-        # must continue on the new one (for an unchanged schedule this sets the same value).
+        # must continue on the new one (for an unchanged schedule this sets the same value). The schedule is at
+        # the step count of the updates made: steps an fp16 overflow skipped do not advance it.
         scheduler = engine.lr_scheduler
         for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] = base_lr * schedule(start_step)
+            group["lr"] = base_lr * schedule(scheduler.last_epoch)
     clock.lap("checkpoint load")
     log.info("model %s: %.2fM parameters, %.2f GFLOP/token, %d tokens per step, training steps %d..%d of %d on %s",
              config.preset, n_params / 1e6, flops / 1e9, session.tokens_per_step, start_step + 1, session.end_step,
              config.max_steps, device_name())
-    return Trainee(engine, model, start_step, n_params, flops, peak_tflops(config.peak_tflops))
+    return Trainee(engine, model, start_step, n_params, flops,
+                   peak_tflops(session.precision.precision, config.peak_tflops))
 
 
 def build_device(session: Session) -> str:
@@ -526,7 +559,7 @@ def train(session: Session, trainee: Trainee, clock: StartupClock) -> int:
     metrics, memory, timer = Metrics(session.data.runs(session.name), session.rank == 0, start_step), MemoryProbe(), \
         PhaseTimer(engine.device)
     if start_step == 0:
-        metrics.text("config", f"```\n{merged_config(config, session.ds)}\n```")
+        metrics.text("config", f"```\n{merged_config(config, session.ds, session.precision)}\n```")
     loader = iter(micro_batch_loader(batches, session.rank, start_step, session.end_step,
                                      pin=torch.cuda.is_available()))
     stop, done = StopSignal(under_deepspeed_launcher()), start_step
@@ -569,6 +602,8 @@ def train_step(session: Session, trainee: Trainee, batches: TrainBatches, loader
     micro-step — except with --on-nonfinite skip, which must look at each micro-batch's loss before its backward."""
     config, engine = session.config, trainee.engine
     started, waited, lr = time.perf_counter(), 0.0, engine.get_lr()[0]
+    fp16 = session.precision.precision == "fp16"
+    scale = engine.optimizer.loss_scaler.cur_scale if fp16 else None
     losses = []
     timer.start()
     for micro_step in range(session.grad_accum):
@@ -600,7 +635,23 @@ def train_step(session: Session, trainee: Trainee, batches: TrainBatches, loader
     return {"loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_second": tokens_per_second, "tflops": tflops, "mfu": tflops / peak if peak else None,
             "step_seconds": seconds, **{f"{phase}_seconds": phases.get(phase, 0.0) for phase in PHASES},
-            "data_wait_seconds": waited}, bool(stop_requested > 0)
+            "data_wait_seconds": waited, **(loss_scaling(engine, scale, step) if fp16 else {})}, \
+        bool(stop_requested > 0)
+
+
+def loss_scaling(engine: Any, scale_before: float, step: int) -> dict[str, float]:
+    """After an fp16 optimizer step: the loss scale, and the steps skipped so far because their gradients
+    overflowed (DeepSpeed then halves the scale and leaves the weights and the schedule as they were). A step that
+    overflows with the scale already at its floor stops the run: a smaller scale cannot help any more."""
+    scaler = engine.optimizer.loss_scaler
+    floor = getattr(scaler, "min_scale", scaler.cur_scale)  # a static scale is its own floor
+    if engine.optimizer.overflow and scale_before <= floor:
+        raise PipelineError(
+            f"fp16 gradients overflowed at step {step + 1} with the loss scale at its floor ({scale_before:g}; "
+            f"skipped steps so far: {engine.skipped_steps}): they do not fit in fp16 even unscaled, so the run has "
+            "diverged. Stopped without saving: the latest checkpoint is the last good state. Resume it with a lower "
+            "--lr, or in bf16 or fp32 (--precision ... --allow-precision-change).")
+    return {"loss_scale": scaler.cur_scale, "skipped_steps": engine.skipped_steps}
 
 
 PHASES = ("forward", "backward", "optimizer")
@@ -614,6 +665,8 @@ def step_line(done: int, max_steps: int, stats: dict[str, Any]) -> str:
             + (f" | val loss {val:.4f} (perplexity {math.exp(val):.2f})" if val is not None else "")
             + f" | lr {stats['lr']:.2e} | grad norm "
             + ("-" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}")
+            + (f" | loss scale {stats['loss_scale']:g}, skipped steps {stats['skipped_steps']}"
+               if "loss_scale" in stats else "")
             + f" | {stats['tokens_per_second']:.0f} tokens/s | {stats['tflops']:.1f} TFLOP/s"
             + (f" ({100 * stats['mfu']:.1f}% MFU)" if stats["mfu"] is not None else "")
             + f" | {stats['step_seconds']:.2f}s/step (fwd {stats['forward_seconds']:.2f}, bwd "

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.precision import detect
 from pipeline.stage import PipelineError
 
 HELLASWAG_HUB = ("Rowan/hellaswag", None, "validation")
@@ -138,8 +139,12 @@ def lambada_items(spec: str, limit: int | None = None) -> list[tuple[str, str]]:
 # --- scoring ---------------------------------------------------------------------------------------------
 
 def autocast_for(device: torch.device) -> Any:
-    """bf16 autocast on a GPU (as the model trained), full precision on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    """On a GPU, autocast to the type training picks there (bf16 from compute capability 8.0, fp16 on 7.x; fp32
+    before); full precision on the CPU, where scoring is small."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(detect().precision)
+    return torch.autocast("cuda", dtype=dtype) if dtype else nullcontext()
 
 
 def _encode_pair(tokenizer: Any, context: str, continuation: str, eot_id: int) -> tuple[list[int], list[int]]:

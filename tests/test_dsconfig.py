@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from pipeline.dsconfig import check_nvme, describe, load_ds_config, merge_ds_config, offload_devices, precision
+from pipeline.dsconfig import check_nvme, describe, load_ds_config, merge_ds_config, offload_devices
+from pipeline.precision import PRECISIONS, apply, precision_of
 from pipeline.stage import PipelineError
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -24,14 +25,18 @@ def test_the_three_required_configs_ship() -> None:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_are_valid_deepspeed_json(path: Path) -> None:
+def test_shipped_configs_are_valid_deepspeed_json_in_every_precision(path: Path) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 
     ds = load_ds_config(path)
-    parsed = DeepSpeedConfig(json.loads(path.read_text()))
-    assert parsed.zero_optimization_stage == ds["zero_optimization"]["stage"] in (1, 2, 3)
     assert ds["optimizer"]["type"] == "AdamW" and "scheduler" not in ds
-    assert ds["gradient_clipping"] == 1.0 and precision(ds) == "bf16"
+    assert ds["gradient_clipping"] == 1.0 and precision_of(ds) == "auto"  # the hardware chooses
+    for chosen in PRECISIONS:
+        parsed = DeepSpeedConfig(apply(json.loads(path.read_text()), chosen))
+        assert parsed.zero_optimization_stage == ds["zero_optimization"]["stage"] in (1, 2, 3)
+        assert (parsed.bfloat16_config.enabled, parsed.float16_config.enabled) == (chosen == "bf16", chosen == "fp16")
+        if chosen == "fp16":  # dynamic loss scaling from 2^16
+            assert parsed.float16_config.loss_scale == 0 and parsed.float16_config.initial_dynamic_scale() == 2 ** 16
 
 
 def test_config_offload_layout() -> None:
@@ -43,10 +48,10 @@ def test_config_offload_layout() -> None:
 
 def test_overrides_are_merged_and_batch_size_computed() -> None:
     ds = merge(load_ds_config(REPO / "ds_configs" / "zero3_nvme.json"), world_size=2, micro_batch_size=3,
-               grad_accum=4, precision_override="fp32", lr=1e-3)
+               grad_accum=4, lr=1e-3)
     batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
     assert batch == (3, 4, 24)
-    assert precision(ds) == "fp32" and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert precision_of(ds) == "auto" and ds["optimizer"]["params"]["lr"] == 1e-3  # settled by pipeline.precision
     assert ds["zero_optimization"]["offload_param"]["nvme_path"] == "/data/nvme/r"
     assert merge(load_ds_config(REPO / "ds_configs" / "zero3_nvme.json"), nvme_path="/mnt/fast")[
         "zero_optimization"]["offload_optimizer"]["nvme_path"] == "/mnt/fast/r"
@@ -66,8 +71,7 @@ def test_inconsistent_batch_sizes_are_refused_with_the_arithmetic() -> None:
 @pytest.mark.parametrize(("ds", "message"), [
     ({"optimizer": {}, "train_micro_batch_size_per_gpu": "auto"}, r'train_micro_batch_size_per_gpu is "auto"'),
     ({"train_micro_batch_size_per_gpu": 1}, r'has no "optimizer" section'),
-    ({"optimizer": {}, "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "fp16": {"enabled": True}},
-     "enables both bf16 and fp16"),
+    ({"optimizer": {"params": {"lr": "auto"}}, "train_micro_batch_size_per_gpu": 1}, r'optimizer.params.lr is "auto"'),
     ({"optimizer": {}, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 4}}, "must be 0, 1, 2 or 3"),
 ])
 def test_invalid_configs_are_refused(ds: dict, message: str) -> None:

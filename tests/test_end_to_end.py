@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, subprocess_env
 
+from pipeline.precision import detect
 from pipeline.stage import DataDir
 
 pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
@@ -53,6 +54,8 @@ def test_the_console_shows_what_a_person_reads(made: Path) -> None:
     progress = [line for line in lines if "%|" in line]  # progress-bar frames
     assert len(lines) - len(progress) < 60, console
     assert "val loss" in console and "untrained model" in console and "start-up" in console
+    # the shipped config says "auto": the precision this machine computes fastest in, and why
+    assert f"precision {detect()}" in console
     for noise in ("merged config", "FutureWarning", "attention_mask", "[launch.py", "[INFO] [runner.py"):
         assert noise not in console, noise
     train_log = (made / "runs" / run_of(made) / "train.log").read_text()

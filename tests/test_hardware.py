@@ -12,21 +12,39 @@ from pipeline.hardware import GIB, MemoryProbe, cap_gpu_memory, lookup_gpu
 from pipeline.stage import PipelineError
 
 
-@pytest.mark.parametrize(("name", "tflops"), [
-    ("NVIDIA H100 80GB HBM3", 989.4),
-    ("NVIDIA H100 PCIe", 756.5),
-    ("NVIDIA GeForce RTX 4070 Ti", 80.2),
-    ("NVIDIA GeForce RTX 4070 Ti SUPER", 88.2),
-    ("NVIDIA GeForce RTX 3060", 25.6),
+@pytest.mark.parametrize(("name", "auto", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+    ("NVIDIA H100 PCIe", "bf16", 756.5),
+    ("NVIDIA GeForce RTX 4070 Ti", "bf16", 80.2),
+    ("NVIDIA GeForce RTX 4070 Ti SUPER", "bf16", 88.2),
+    ("NVIDIA GeForce RTX 3060", "bf16", 25.6),
+    # before Ampere: the precision `auto` picks, and that precision's dense peak (fp16 with fp32 accumulation;
+    # GeForce Turing at half its fp16-accumulate rate; Pascal on CUDA cores)
+    ("NVIDIA GeForce RTX 2080 Ti", "fp16", 53.8),
+    ("NVIDIA GeForce RTX 2060", "fp16", 28.7),
+    ("NVIDIA TITAN RTX", "fp16", 130.5),
+    ("Tesla T4", "fp16", 65.0),
+    ("Tesla V100-SXM2-16GB", "fp16", 125.0),
+    ("Tesla V100-PCIE-32GB", "fp16", 112.0),
+    ("NVIDIA GeForce GTX 1080 Ti", "fp32", 11.3),
+    ("NVIDIA TITAN Xp", "fp32", 12.1),
 ])
-def test_known_gpus(name: str, tflops: float) -> None:
-    assert lookup_gpu(name).peak_bf16_tflops == tflops
+def test_known_gpus(name: str, auto: str, tflops: float) -> None:
+    gpu = lookup_gpu(name)
+    assert gpu.auto.precision == auto and gpu.peak_tflops(auto) == tflops
+    assert gpu.peak_tflops("fp32") < tflops or auto == "fp32"  # tensor cores beat CUDA cores
+    assert (gpu.peak_tflops("bf16") is None) == (gpu.capability < (8, 0))  # no bf16 tensor cores before Ampere
 
 
 def test_unknown_gpu_has_no_peak() -> None:
     assert lookup_gpu("Some Future Accelerator") is None
-    assert hardware.peak_tflops() is None  # this machine has no GPU
-    assert hardware.peak_tflops(123.0) == 123.0
+    assert hardware.peak_tflops("bf16") is None  # this machine has no GPU
+    assert hardware.peak_tflops("bf16", 123.0) == 123.0
+
+
+def test_mfu_is_against_the_peak_of_the_precision_the_run_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpu(monkeypatch, 80)
+    assert [hardware.peak_tflops(p) for p in ("bf16", "fp16", "fp32")] == [989.4, 989.4, 66.9]
 
 
 def fake_gpu(monkeypatch: pytest.MonkeyPatch, total_gib: float) -> list[float]:

@@ -95,9 +95,36 @@ def test_an_unknown_card_needs_its_numbers() -> None:
     with pytest.raises(PipelineError, match=r"--gpu 'Voodoo 5' is not in the table.*--gpu-memory-gib"):
         plan(PlanConfig(gpu="Voodoo 5"))
     result = plan(PlanConfig(gpu="Voodoo 5", gpu_memory_gib=16, gpu_peak_tflops=100))
-    assert result["gpu"] == {"name": "Voodoo 5", "memory_gib": 16, "peak_bf16_tflops": 100, "watts": None}
+    assert result["gpu"] == {"name": "Voodoo 5", "memory_gib": 16, "precision": "bf16", "peak_tflops": 100,
+                             "precision_reason": "auto: a card not in the table, taken to have bf16 tensor cores",
+                             "watts": None}
     assert all(c.get("energy_kwh") is None for c in result["configs"])
     assert max(c["gpu_gib"]["total"] for c in result["configs"] if c["fits"]) <= 16
+
+
+@pytest.mark.parametrize(("gpu", "precision", "peak"), [("RTX 2080 Ti", "fp16", 53.8), ("Tesla T4", "fp16", 65.0),
+                                                        ("GTX 1080 Ti", "fp32", 11.3), ("RTX 4070 Ti", "bf16", 80.2)])
+def test_a_card_is_planned_in_the_precision_training_picks_there(gpu: str, precision: str, peak: float) -> None:
+    result = plan(PlanConfig(preset="gpt2", tokens="10B", gpu=gpu, mfu=0.25))
+    assert (result["gpu"]["precision"], result["gpu"]["peak_tflops"]) == (precision, peak)
+    seconds = result["compute"]["training_flops"] / (0.25 * peak * 1e12)  # MFU of that precision's peak
+    assert result["configs"][0]["days"] == pytest.approx(seconds / 86400)
+
+
+def test_fp32_holds_twice_the_bytes_of_bf16_on_the_gpu() -> None:
+    """A card without tensor cores trains in fp32: weights, gradients, buffers and activations take 4 bytes a value
+    where bf16 takes 2 (the fp32 logits chunk is the same)."""
+    def memory(precision: str) -> dict[str, dict[str, float]]:
+        result = plan(PlanConfig(preset="gpt2", gpu="GTX 1080 Ti", precision=precision, micro_batch_size=4))
+        return {c["config"]: c["gpu_gib"] for c in result["configs"]}
+
+    fp32, bf16 = memory("auto"), memory("bf16")
+    for config, terms in fp32.items():
+        for term in ("model_states", "buffers", "activations", "gradients"):
+            assert terms[term] == pytest.approx(2 * bf16[config][term]), (config, term)
+        assert terms["logits"] == bf16[config]["logits"]
+    with pytest.raises(PipelineError, match="--precision fp8: choose one of auto, bf16, fp16, fp32"):
+        plan(PlanConfig(precision="fp8"))
 
 
 def test_a_plain_install_plans_like_the_source_tree(tmp_path: Path) -> None:
