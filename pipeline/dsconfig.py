@@ -12,11 +12,30 @@ import json
 import os
 import re
 import tempfile
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from pipeline.precision import precision_of
 from pipeline.stage import PipelineError
+
+
+def shipped(package: str, folder: str) -> Any:
+    """A folder of the repository that a wheel carries inside the package (pyproject.toml maps ds_configs/ and
+    the GPU-host measurements there), so that an installed onecard plans as the source tree does; in a source
+    tree or an editable install, the folder itself."""
+    try:
+        return files(package)
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / folder
+
+
+CONFIGS = shipped("pipeline.ds_configs", "ds_configs")
+
+
+def shipped_configs() -> list[Any]:
+    """The DeepSpeed configs onecard ships (ds_configs/*.json), by name."""
+    return sorted((p for p in CONFIGS.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
 
 
 def load_ds_config(path: Path | str) -> dict[str, Any]:

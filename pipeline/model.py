@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from pipeline.families import Shape, shape_of
 from pipeline.stage import PipelineError
 
 GPT2_VOCAB_SIZE = 50257  # OpenAI's GPT-2 BPE, <|endoftext|> last
@@ -148,11 +149,10 @@ def training_flops_per_token(params: float, n_layer: int, n_embd: int, seq_len: 
     return 6 * params + 12 * n_layer * n_embd * seq_len
 
 
-def preset_parameters(preset: str, vocab_size: int = GPT2_VOCAB_SIZE) -> int:
-    """A preset's parameter count, without building it: token and position embeddings, 12h^2 + 13h per block
-    (attention, MLP, two LayerNorms, biases included), the final LayerNorm; the output layer is tied."""
-    n_layer, n_embd, _, n_positions = preset_shape(preset)
-    return (vocab_size + n_positions) * n_embd + n_layer * (12 * n_embd**2 + 13 * n_embd) + 2 * n_embd
+@cache  # a meta build of GPT-2 XL takes seconds; plan and preflight ask for it once per config
+def preset_model_shape(preset: str, vocab_size: int = GPT2_VOCAB_SIZE) -> Shape:
+    """A preset's shape, its parameters counted on the meta device."""
+    return shape_of(model_config(preset, vocab_size, vocab_size - 1))
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

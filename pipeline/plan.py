@@ -3,10 +3,10 @@
     python -m pipeline.plan --preset gpt2-xl --gpu "RTX 4070 Ti" --host-ram-gib 64 --nvme-free-gib 200
     python -m pipeline.plan --params 1.5e9 --tokens 10e9 --gpu-memory-gib 24 --gpu-peak-tflops 165 --json plan.json
 
-Memory, per shipped config in `ds_configs/`: the model states on GPU and CPU from DeepSpeed's own estimators
-(`estimate_zero2/3_model_states_mem_needs`), plus what they leave out — activations for the micro-batch
-(checkpointed or not), the output layer's logits chunk, DeepSpeed's buckets and ZeRO-3's live parameters —
-then the allocator's fragmentation and the CUDA context as measured on the GPU host (docs/BENCHMARKS.md).
+    python -m pipeline.plan --model Qwen/Qwen2.5-1.5B --gpu "RTX 3060" --host-ram-gib 32
+
+A model is a GPT-2 preset, or any Llama, Qwen2, Mistral or GPT-2 model by its config.json alone (`--model`).
+Memory, per shipped config in `ds_configs/`: the memory model's (pipeline/memory.py) GPU, host and NVMe bytes.
 Compute: 6·N·D plus attention, the compute-optimal budget of about 20 tokens per parameter, and the
 wall-clock time and energy at an MFU: by default the one measured for that config in docs/bench/train-h100,
 taken as the fraction of the card's own peak. Everything is an estimate, and the output says which numbers
@@ -18,21 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
-from importlib.resources import files
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline import families
 from pipeline import precision as precisions
-from pipeline.dsconfig import load_ds_config, offload_devices
+from pipeline.dsconfig import CONFIGS, load_ds_config, offload_devices, shipped, shipped_configs
 from pipeline.hardware import GIB, GPUS, lookup_gpu
-from pipeline.model import (
-    GPT2_VOCAB_SIZE,
-    LOSS_CHUNK_TOKENS,
-    preset_parameters,
-    preset_shape,
-    training_flops_per_token,
-)
+from pipeline.memory import gpu_memory_bytes, host_and_disk_bytes
+from pipeline.model import preset_model_shape, training_flops_per_token
 from pipeline.stage import PipelineError, stage_main
 
 log = logging.getLogger("onecard")
@@ -40,30 +35,8 @@ log = logging.getLogger("onecard")
 MEASURED_AT = "docs/bench/train-h100"
 
 
-def shipped(package: str, folder: str) -> Any:
-    """A folder of the repository that a wheel carries inside the package (pyproject.toml maps ds_configs/ and
-    the GPU-host measurements there), so that an installed onecard plans as the source tree does; in a source
-    tree or an editable install, the folder itself."""
-    try:
-        return files(package)
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[1] / folder
-
-
-CONFIGS = shipped("pipeline.ds_configs", "ds_configs")
 MEASURED = shipped("pipeline.measured", MEASURED_AT)
-
-
-def shipped_configs() -> list[Any]:
-    """The DeepSpeed configs onecard ships (ds_configs/*.json), by name."""
-    return sorted((p for p in CONFIGS.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
 TOKENS_PER_PARAMETER = 20  # compute-optimal (Hoffmann et al., 2022)
-# From the GPU-host measurement of GPT-2 XL (docs/BENCHMARKS.md): the allocator reserved 1.29x (ZeRO-2) and
-# 2.06x (ZeRO-3) of its peak allocation, and NVML charged the process 1.67 GiB beyond the reservation (CUDA
-# context, cuBLAS and NCCL workspaces).
-FRAGMENTATION = {2: 1.29, 3: 2.06}
-CONTEXT_GIB = 1.67
-ACTIVATION_BYTES_PER_LAYER = 34  # x batch x seq x width, bf16, flash attention (Korthikanti et al., 2022)
 # A CUDA card not in the table is taken to be a recent one: `auto` would train it in bf16.
 UNKNOWN_CARD = precisions.Choice("bf16", "auto: a card not in the table, taken to have bf16 tensor cores")
 
@@ -71,8 +44,11 @@ UNKNOWN_CARD = precisions.Choice("bf16", "auto: a card not in the table, taken t
 @dataclass
 class PlanConfig:
     preset: str = field(default="gpt2-xl", metadata={"help": "model preset (tiny, gpt2 ... gpt2-xl)"})
+    model: str | None = field(default=None, metadata={
+        "help": "a model instead of the preset, by its config.json alone: the file, its folder or a hub id "
+                "(Llama, Qwen2, Mistral or GPT-2)"})
     params: float | None = field(
-        default=None, metadata={"help": "a parameter count instead (e.g. 1.5e9); the preset gives the shape"})
+        default=None, metadata={"help": "a parameter count instead (e.g. 1.5e9); the model gives the shape"})
     seq_len: int = field(default=1024, metadata={"help": "sequence length"})
     tokens: str = field(default="compute-optimal",
                         metadata={"help": "training tokens (e.g. 10e9) or compute-optimal (20 per parameter)"})
@@ -142,81 +118,24 @@ def measured_runs() -> dict[str, dict[str, Any]]:
     return runs
 
 
-def gpu_memory_bytes(ds: dict[str, Any], params: float, shape: tuple[int, int, int, int], seq_len: int,
-                     micro: int, checkpointing: int, vocab_size: int) -> dict[str, float]:
-    """The GPU bytes of one config, term by term: DeepSpeed's estimate of the model states, then what it
-    leaves out; `total` adds fragmentation and the CUDA context. In fp32 (a card without tensor cores) every
-    term that bf16 or fp16 keeps in 2 bytes per value takes 4."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    n_layer, n_embd, _, _ = shape
-    zero = ds["zero_optimization"]
-    stage = zero["stage"]
-    params_device, optimizer_device = offload_devices(ds)
-    if stage == 3:
-        largest_layer = vocab_size * n_embd  # the token embedding
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            params, largest_layer, cpu_offload=optimizer_device != "none", cpu_offload_params=params_device != "none",
-            zero_init=False)
-        working = 2 * min(params, zero.get("stage3_max_live_parameters", 1e9))  # gathered bf16 parameters
-        buffers = 2 * 2 * zero.get("stage3_prefetch_bucket_size", 5e7)
-    else:
-        cpu, gpu = estimate_zero2_model_states_mem_needs(params, cpu_offload=optimizer_device != "none")
-        working = 0.0
-        buffers = 2 * 2 * zero.get("reduce_bucket_size", 5e8)  # two bf16 gradient buckets
-    token_slab = micro * seq_len * n_embd
-    if checkpointing:
-        activations = (math.ceil(n_layer / checkpointing) * 2 + checkpointing * ACTIVATION_BYTES_PER_LAYER) * token_slab
-    else:
-        activations = n_layer * ACTIVATION_BYTES_PER_LAYER * token_slab
-    logits = 3 * 4 * min(LOSS_CHUNK_TOKENS, micro * seq_len) * vocab_size  # fp32 logits, their gradient, softmax
-    # ZeRO-1 with an offloaded optimizer keeps every bf16 gradient on the GPU between micro-steps, in
-    # allocations made once: they do not fragment
-    gradients = 2 * params if stage == 1 and optimizer_device != "none" else 0.0
-    widen = 2.0 if precisions.precision_of(ds) == "fp32" else 1.0
-    gpu, working, buffers, activations, gradients = (widen * term for term in
-                                                     (gpu, working, buffers, activations, gradients))
-    allocated = gpu + working + buffers + activations + logits
-    return {"model_states": gpu, "gradients": gradients, "model_states_cpu": cpu, "working_parameters": working,
-            "buffers": buffers, "activations": activations, "logits": logits, "allocated": allocated + gradients,
-            "total": allocated * FRAGMENTATION[max(stage, 2)] + gradients + CONTEXT_GIB * GIB}
-
-
-def host_and_disk_bytes(ds: dict[str, Any], params: float, model_states_cpu: float) -> tuple[float, float]:
-    """(host RAM, NVMe) bytes: DeepSpeed's CPU estimate, or with NVMe offload its pinned buffers and the swap
-    train checks for before it starts (`checkpoint.nvme_swap_needs`)."""
-    from pipeline.checkpoint import nvme_swap_needs
-
-    swap = nvme_swap_needs(params, ds)
-    if not swap:
-        return model_states_cpu, 0.0
-    zero = ds["zero_optimization"]
-    param_buffers = 2 * zero["offload_param"].get("buffer_count", 5) * zero["offload_param"].get("buffer_size", 1e8)
-    # the optimizer swapper's buffers hold one sub-group, which is never larger than the model
-    sub_group = min(zero.get("sub_group_size", 1e9), params)
-    optimizer_buffers = 4 * 4 * sub_group * zero["offload_optimizer"].get("buffer_count", 4)
-    # the fp32 model built on the CPU before DeepSpeed takes it over
-    return 4 * params + param_buffers + optimizer_buffers, sum(need.bytes for need in swap)
-
-
 def plan(config: PlanConfig) -> dict[str, Any]:
     """The plan as a dict: the inputs, one entry per shipped config, the recommendation and the compute."""
-    shape = preset_shape(config.preset)
-    vocab_size = GPT2_VOCAB_SIZE
-    params = config.params or preset_parameters(config.preset, vocab_size)
+    shape = families.shape_of(families.read_config(config.model)) if config.model else \
+        preset_model_shape(config.preset)
+    if config.params:
+        shape = replace(shape, parameters=int(config.params))
+    params = shape.parameters
     gpu = card(config)
     tokens = TOKENS_PER_PARAMETER * params if config.tokens == "compute-optimal" else token_count(config.tokens)
-    position_params = shape[3] * shape[1]
-    per_token = training_flops_per_token(params - position_params, shape[0], shape[1], config.seq_len)
+    per_token = training_flops_per_token(params - shape.position_parameters, shape.layers, shape.width,
+                                         config.seq_len)
     measured = measured_runs()
     configs = []
     for path in shipped_configs():
         ds = precisions.apply(load_ds_config(path), gpu["precision"])
         micros = [config.micro_batch_size] if config.micro_batch_size else [32, 16, 8, 4, 2, 1]
         for micro in micros:
-            memory = gpu_memory_bytes(ds, params, shape, config.seq_len, micro, config.activation_checkpointing,
-                                      vocab_size)
+            memory = gpu_memory_bytes(ds, shape, config.seq_len, micro, config.activation_checkpointing)
             if memory["total"] <= gpu["memory_gib"] * GIB:
                 break
         host, nvme = host_and_disk_bytes(ds, params, memory["model_states_cpu"])
@@ -241,7 +160,7 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     fitting = sorted((c for c in configs if c["fits"]), key=lambda c: -(c["mfu"] or 0))
     return {"inputs": {**asdict(config), "write_config": str(config.write_config or ""),
                        "json": str(config.json or "")},
-            "model": {"preset": config.preset, "parameters": params, "layers": shape[0], "width": shape[1]},
+            "model": {"name": config.model or config.preset, **asdict(shape)},
             "gpu": gpu, "tokens": tokens,
             "compute": {"flops_per_token": per_token, "training_flops": per_token * tokens,
                         "dense_6nd_flops": dense_training_flops(params, tokens),
@@ -254,7 +173,9 @@ def table(result: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
     gpu, compute = result["gpu"], result["compute"]
-    lines = [f"{result['model']['preset']}: {result['model']['parameters'] / 1e6:,.1f}M parameters, "
+    model = result["model"]
+    lines = [f"{model['name']} ({model['family']}, {model['layers']} layers, width {model['width']}): "
+             f"{model['parameters'] / 1e6:,.1f}M parameters, "
              f"{compute['flops_per_token'] / 1e9:.2f} GFLOP/token; {result['tokens'] / 1e9:,.2f}B tokens "
              f"(compute-optimal: {compute['compute_optimal_tokens'] / 1e9:,.1f}B) = "
              f"{compute['training_flops']:.3g} FLOPs (6ND alone: {compute['dense_6nd_flops']:.3g})",
@@ -293,8 +214,8 @@ def run(config: PlanConfig) -> dict[str, Any]:
                   gradient_accumulation_steps=chosen["grad_accum"])
         config.write_config.write_text(json.dumps(ds, indent=2) + "\n")
         log.info("wrote %s (%s with micro-batch %d x %d accumulation): train with deepspeed launch/train.py "
-                 "--deepspeed %s --preset %s", config.write_config, chosen["config"], chosen["micro_batch_size"],
-                 chosen["grad_accum"], config.write_config, config.preset)
+                 "--deepspeed %s%s", config.write_config, chosen["config"], chosen["micro_batch_size"],
+                 chosen["grad_accum"], config.write_config, "" if config.model else f" --preset {config.preset}")
     return result
 
 

@@ -1,7 +1,7 @@
 """Preflight: before a run builds anything, what it will need — host RAM, page-locked host memory, GPU memory —
-by `onecard plan`'s memory model, against what this machine has. A run that cannot fit stops (exit 2) with what
-it needs, what there is and what would fit instead, rather than being killed by the kernel minutes later; a run
-that fits with little room gets a warning. `--no-preflight` skips the check.
+by the memory model `onecard plan` uses too (pipeline/memory.py), against what this machine has. A run that
+cannot fit stops (exit 2) with what it needs, what there is and what would fit instead, rather than being killed
+by the kernel minutes later; a run that fits with little room gets a warning. `--no-preflight` skips the check.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import psutil
 import torch
 
 from pipeline import precision as precisions
-from pipeline.dsconfig import load_ds_config, offload_devices
+from pipeline.dsconfig import load_ds_config, offload_devices, shipped_configs
+from pipeline.families import Shape
 from pipeline.hardware import GIB
-from pipeline.model import preset_parameters, preset_shape
-from pipeline.plan import CONTEXT_GIB, gpu_memory_bytes, host_and_disk_bytes, shipped_configs
+from pipeline.memory import CONTEXT_GIB, gpu_memory_bytes, host_and_disk_bytes
 
 log = logging.getLogger("onecard")
 
@@ -48,15 +48,13 @@ class Machine:
     gpu_bytes: float | None  # what NVML may charge the process: the card, or --gpu-mem-cap plus the context
 
 
-def estimate(ds: dict[str, Any], preset: str, vocab_size: int, seq_len: int, checkpointing: int,
-             local_ranks: int = 1, gpu: bool | None = None) -> Needs:
+def estimate(ds: dict[str, Any], shape: Shape, seq_len: int, checkpointing: int, local_ranks: int = 1,
+             gpu: bool | None = None) -> Needs:
     """What a run of this config needs on this node (host RAM for all its local ranks, GPU memory per rank)."""
     gpu = torch.cuda.is_available() if gpu is None else gpu
-    params = preset_parameters(preset, vocab_size)
-    memory = gpu_memory_bytes(ds, params, preset_shape(preset), seq_len, ds["train_micro_batch_size_per_gpu"],
-                              checkpointing, vocab_size)
-    host, _ = host_and_disk_bytes(ds, params, memory["model_states_cpu"])
-    return Needs(host + local_ranks * PROCESS_BYTES, pinned_bytes(ds, params) if gpu else 0.0,
+    memory = gpu_memory_bytes(ds, shape, seq_len, ds["train_micro_batch_size_per_gpu"], checkpointing)
+    host, _ = host_and_disk_bytes(ds, shape.parameters, memory["model_states_cpu"])
+    return Needs(host + local_ranks * PROCESS_BYTES, pinned_bytes(ds, shape.parameters) if gpu else 0.0,
                  memory["total"] if gpu else None)
 
 
@@ -144,13 +142,12 @@ def _short(needs: Needs, machine: Machine) -> bool:
     return needs.host_bytes > machine.host_available_bytes or _gpu_short(needs, machine)
 
 
-def shipped_alternatives(ds: dict[str, Any], preset: str, vocab_size: int, seq_len: int, checkpointing: int,
+def shipped_alternatives(ds: dict[str, Any], shape: Shape, seq_len: int, checkpointing: int,
                          local_ranks: int) -> dict[str, Needs]:
     """The needs of every shipped config at this run's batch layout and precision, by name."""
     layout = {key: ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
     alternatives = {}
     for path in shipped_configs():
         other = precisions.apply({**load_ds_config(Path(path)), **layout}, precisions.precision_of(ds))
-        alternatives[f"ds_configs/{path.name}"] = estimate(other, preset, vocab_size, seq_len, checkpointing,
-                                                           local_ranks)
+        alternatives[f"ds_configs/{path.name}"] = estimate(other, shape, seq_len, checkpointing, local_ranks)
     return alternatives

@@ -61,7 +61,7 @@ from pipeline.model import (
     optimizer_groups,
     parameter_count,
     preset_context,
-    preset_parameters,
+    preset_model_shape,
 )
 from pipeline.shard_format import load_index
 from pipeline.stage import (
@@ -438,14 +438,15 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
 def check_fits(config: TrainConfig, ds: dict[str, Any], vocab_size: int, seq_len: int) -> preflight.Needs:
     """The preflight (pipeline/preflight.py), on every rank, all refusing together: what this run needs."""
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-    needs = preflight.estimate(ds, config.preset, vocab_size, seq_len, config.activation_checkpointing, local_ranks)
+    shape = preset_model_shape(config.preset, vocab_size)
+    needs = preflight.estimate(ds, shape, seq_len, config.activation_checkpointing, local_ranks)
     machine = preflight.read_machine(config.gpu_mem_cap)
     log.info("preflight: about %.1f GiB of host RAM (%.1f available), %.1f GiB page-locked%s", needs.host_bytes / GIB,
              machine.host_available_bytes / GIB, needs.pinned_bytes / GIB,
              "" if needs.gpu_bytes is None else f", {needs.gpu_bytes / GIB:.1f} GiB of GPU memory "
                                                 f"({(machine.gpu_bytes or 0) / GIB:.1f} there)")
     problems = preflight.check(needs, machine, config.deepspeed, lambda: preflight.shipped_alternatives(
-        ds, config.preset, vocab_size, seq_len, config.activation_checkpointing, local_ranks))
+        ds, shape, seq_len, config.activation_checkpointing, local_ranks))
     if any_rank(bool(problems)):
         raise PipelineError(" ".join(problems) if problems else "another rank's machine cannot hold this run: see "
                             "its log.")
@@ -525,7 +526,7 @@ def build_device(session: Session) -> str:
     device = get_accelerator().current_device_name()
     if not torch.cuda.is_available() or session.ds["zero_optimization"]["stage"] == 3:
         return "cpu"
-    needed = 1.2 * 4 * preset_parameters(session.config.preset, session.index["vocab_size"])
+    needed = 1.2 * 4 * preset_model_shape(session.config.preset, session.index["vocab_size"]).parameters
     room = torch.cuda.mem_get_info()[0]
     if session.config.gpu_mem_cap is not None:
         room = min(room, session.config.gpu_mem_cap * GIB)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.dsconfig import load_ds_config
-from pipeline.model import build_model, flops_per_token, parameter_count, preset_parameters
+from pipeline.model import build_model, flops_per_token, parameter_count, preset_model_shape
 from pipeline.plan import (
     MEASURED,
     PlanConfig,
@@ -34,7 +34,7 @@ def test_model_arithmetic_is_the_trainers() -> None:
     for preset in ("tiny", "gpt2", "gpt2-xl"):
         with torch.device("meta"):
             model = build_model(preset, 50257, 50256)
-        assert preset_parameters(preset) == parameter_count(model)
+        assert preset_model_shape(preset).parameters == parameter_count(model)
         result = plan(PlanConfig(preset=preset, seq_len=1024 if preset != "tiny" else 256))
         assert result["compute"]["flops_per_token"] == flops_per_token(model, result["inputs"]["seq_len"])
         assert result["compute"]["compute_optimal_tokens"] == 20 * parameter_count(model)

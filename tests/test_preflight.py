@@ -12,9 +12,10 @@ from helpers import REPO
 from pipeline import preflight
 from pipeline.dsconfig import load_ds_config
 from pipeline.hardware import GIB
+from pipeline.model import preset_model_shape
 from pipeline.preflight import Machine, Needs, check, estimate, shipped_alternatives
 
-XL = {"preset": "gpt2-xl", "vocab_size": 50257, "seq_len": 1024, "checkpointing": 1}
+XL = {"shape": preset_model_shape("gpt2-xl"), "seq_len": 1024, "checkpointing": 1}
 
 
 def xl(config: str, micro: int = 8, gpu: bool = True) -> Needs:
@@ -24,7 +25,7 @@ def xl(config: str, micro: int = 8, gpu: bool = True) -> Needs:
 
 def alternatives(config: str = "zero2_offload") -> dict[str, Needs]:
     ds = {**load_ds_config(REPO / "ds_configs" / f"{config}.json"), "train_micro_batch_size_per_gpu": 8}
-    return shipped_alternatives(ds, XL["preset"], XL["vocab_size"], XL["seq_len"], 1, 1)
+    return shipped_alternatives(ds, XL["shape"], XL["seq_len"], 1, 1)
 
 
 def test_a_32_gib_desktop_cannot_hold_xl_with_cpu_offload_and_is_pointed_at_nvme() -> None:
