@@ -52,6 +52,7 @@ def make(config: PrecisionBenchConfig, target: str, env: dict[str, str], *variab
 
 
 def run_system(config: PrecisionBenchConfig, name: str) -> dict[str, Any]:
+    make(config, "clean-run", {}, f"RUN={name}")  # a run left by an earlier call would only be resumed
     emulated = name.startswith("avx2")
     env = AVX2_ONLY if emulated else {}
     steps = config.bf16_steps if name.endswith("bf16") else config.steps
