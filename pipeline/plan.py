@@ -2,7 +2,6 @@
 
     python -m pipeline.plan --preset gpt2-xl --gpu "RTX 4070 Ti" --host-ram-gib 64 --nvme-free-gib 200
     python -m pipeline.plan --params 1.5e9 --tokens 10e9 --gpu-memory-gib 24 --gpu-peak-tflops 165 --json plan.json
-
     python -m pipeline.plan --model Qwen/Qwen2.5-1.5B --gpu "RTX 3060" --host-ram-gib 32
 
 A model is a GPT-2 preset, or any Llama, Qwen2, Mistral or GPT-2 model by its config.json alone (`--model`).
