@@ -8,7 +8,7 @@ engine is built, by what the device runs natively:
     CUDA 7.x (Volta, Turing)                                fp16   tensor cores for fp16 only; dynamic loss scaling
     CUDA 6.x and older (Pascal)                             fp32   no tensor cores, and DeepSpeed refuses fp16 there
     a CPU with AVX512-BF16 or AMX-BF16                      bf16   native bf16 dot products
-    any other CPU                                           fp32   bf16 is emulated (AVX2: ~25x slower than fp32)
+    any other CPU                                           fp32   bf16 is emulated (AVX2: a step 12-17x slower)
 
 `torch.cuda.is_bf16_supported()` and `torch.ops.mkldnn._is_mkldnn_bf16_supported()` are no guide: both say yes
 where bf16 is only emulated (a Turing card, any AVX-512 CPU).
