@@ -6,6 +6,8 @@
 #   make test-fast           the tests that need no DeepSpeed engine (under 2 minutes)
 #   make train PRESET=gpt2-xl CONFIG=ds_configs/zero3_nvme.json STEPS=1000
 #   make train INIT_FROM=openai-community/gpt2-xl TOKENIZER=gpt2 CONFIG=ds_configs/zero2_offload.json   fine-tune
+#   make train INIT_FROM=Qwen/Qwen2.5-1.5B SOURCE=my-text.jsonl           continue a Qwen2.5 on your own text
+#   make train MODEL=path/to/config.json TOKENIZER=path/to/tokenizer     a Llama/Qwen2/Mistral/GPT-2 from scratch
 #   make tensorboard         serve data/runs on http://127.0.0.1:6006
 #   make plan PRESET=gpt2-xl PLAN_ARGS='--gpu "RTX 4070 Ti" --host-ram-gib 64'   will it fit, how long
 
@@ -16,11 +18,14 @@ TOKENIZER ?= $(if $(INIT_FROM),$(INIT_FROM),bpe:4096)
 PRESET    ?= tiny
 # released weights to start from (a hub id or a folder); the preset is then theirs
 INIT_FROM ?=
-MODEL      = $(if $(INIT_FROM),from-$(notdir $(patsubst %/,%,$(INIT_FROM))),$(PRESET))
+# a model to train from scratch by its config.json (the file, its folder or a hub id) instead of a preset
+MODEL     ?=
+# the model's part of the run's name, as pipeline.train.model_name spells it
+RUN_MODEL  = $(if $(INIT_FROM),from-$(notdir $(patsubst %/,%,$(INIT_FROM))),$(if $(MODEL),$(patsubst %.json,%,$(notdir $(patsubst %/config.json,%,$(patsubst %/,%,$(MODEL))))),$(PRESET)))
 CONFIG    ?= ds_configs/zero3_offload.json
 STEPS     ?= 300
 # <corpus>-<preset>-<config>-<date the run started>: the newest such run, or today's (pipeline.stage.DataDir)
-RUN       ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.stage import DataDir; print(DataDir(sys.argv[1]).default_run(*sys.argv[2:]))' '$(DATA)' '$(CORPUS)' '$(MODEL)' '$(CONFIG)')
+RUN       ?= $(shell python3 -c 'import sys; sys.path.insert(0, "."); from pipeline.stage import DataDir; print(DataDir(sys.argv[1]).default_run(*sys.argv[2:]))' '$(DATA)' '$(CORPUS)' '$(RUN_MODEL)' '$(CONFIG)')
 DOWNLOAD_ARGS ?=
 TRAIN_ARGS ?=
 # a free port for the launcher's rendezvous (its default, 29500, is taken by any other run on this machine)
@@ -70,7 +75,7 @@ DOWNLOAD = $(PY) -m pipeline.download --source $(SOURCE) --corpus $(CORPUS) $(DO
 TOKENIZE = $(PY) -m pipeline.tokenize --corpus $(CORPUS) --tokenizer $(TOKENIZER)
 SHARD    = $(PY) -m pipeline.shard --corpus $(CORPUS)
 TRAIN    = $(VENV)/bin/deepspeed --master_port $(MASTER_PORT) --log_level warning launch/train.py --deepspeed $(CONFIG) --corpus $(CORPUS) \
-           $(if $(INIT_FROM),--init-from $(INIT_FROM),--preset $(PRESET)) \
+           $(if $(INIT_FROM),--init-from $(INIT_FROM),$(if $(MODEL),--model $(MODEL),--preset $(PRESET))) \
            --run $(RUN) --max-steps $(STEPS) $(TRAIN_ARGS)
 
 run: download tokenize shard train evaluate
@@ -117,7 +122,7 @@ lint: $(TEST_INSTALLED)
 	$(PY) -m ruff check .
 
 plan: $(INSTALLED)
-	$(PY) -m pipeline.plan --preset $(PRESET) $(PLAN_ARGS)
+	$(PY) -m pipeline.plan $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) $(PLAN_ARGS)
 
 tensorboard: $(INSTALLED)
 	$(VENV)/bin/tensorboard --logdir $(DATA)/runs --host 127.0.0.1 --port $(PORT)

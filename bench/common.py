@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))  # the workers run as scripts: make `pipeline` imp
 from pipeline.data import TokenSequences, TrainBatches  # noqa: E402
 from pipeline.distributed import launch_time  # noqa: E402
 from pipeline.hardware import MemoryProbe, device_name, peak_tflops  # noqa: E402
-from pipeline.model import build_model, flops_per_token, preset_context  # noqa: E402
+from pipeline.model import GPT2_VOCAB_SIZE, build_model, default_seq_len, flops_per_token, model_config  # noqa: E402
 from pipeline.precision import detect  # noqa: E402
 from pipeline.shard_format import load_index  # noqa: E402
 from pipeline.stage import DataDir, default_data_dir  # noqa: E402
@@ -57,7 +57,7 @@ class BenchConfig:
 
     @property
     def context(self) -> int:
-        return self.seq_len or preset_context(self.preset)
+        return self.seq_len or default_seq_len(model_config(self.preset, GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE - 1))
 
 
 def train_batches(config: BenchConfig, world_size: int = 1) -> tuple[TrainBatches, dict[str, Any]]:

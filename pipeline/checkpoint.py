@@ -35,6 +35,7 @@ log = logging.getLogger("onecard")
 FORMAT_VERSION = 1
 TAG_PREFIX = "step_"
 RUN_FILE = "run.json"
+MODEL_CONFIG = "config.json"  # the model's transformers config, as the run built it
 WEIGHTS = "model_fp32.safetensors"
 UNIVERSAL = "universal"  # the latest checkpoint re-partitioned for another number of ranks
 
@@ -333,7 +334,7 @@ def write_run_manifest(ckpt_dir: Path, identity: dict[str, Any], inputs: dict[st
     """The train stage's manifest: run identity, input shards, progress, and the run's own files (each
     checkpoint has its own manifest)."""
     ckpt_dir = Path(ckpt_dir)
-    own = [ckpt_dir / name for name in (RUN_FILE, "ds_config.json") if (ckpt_dir / name).is_file()]
+    own = [ckpt_dir / name for name in (RUN_FILE, MODEL_CONFIG, "ds_config.json") if (ckpt_dir / name).is_file()]
     write_manifest(ckpt_dir, "train", FORMAT_VERSION, sha256_json(identity), identity, inputs, counts, started,
                    only=own)
 

@@ -27,11 +27,12 @@ from tqdm import tqdm
 from pipeline import checkpoint, pretrained, zeroshot
 from pipeline.artifacts import StageOutput, sha256_file, write_json_atomic
 from pipeline.data import TokenSequences
-from pipeline.model import FUSED_GELU, LOSS_CHUNK_TOKENS, build_model, lm_loss
+from pipeline.families import config_from, context_of
+from pipeline.model import LOSS_CHUNK_TOKENS, build, lm_loss, model_config
 from pipeline.report import markdown, plot_loss, read_curves
 from pipeline.shard_format import load_index
 from pipeline.stage import DataDir, PipelineError, StageConfig, stage_main
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import load_tokenizer, tokenizer_info
 
 log = logging.getLogger("onecard")
 
@@ -129,18 +130,28 @@ def read_inputs(config: EvaluateConfig) -> Inputs:
 
 
 def zero_shot(config: EvaluateConfig, inputs: Inputs, model: Any, tokenizer: Any,
-              eot_id: int) -> dict[str, dict[str, Any]]:
-    context = model.config.n_positions
+              prefix_id: int) -> dict[str, dict[str, Any]]:
+    context = context_of(model.config)
     results = {}
     if inputs.hellaswag:
-        results["hellaswag"] = zeroshot.hellaswag(model, tokenizer, inputs.hellaswag, eot_id, context,
+        results["hellaswag"] = zeroshot.hellaswag(model, tokenizer, inputs.hellaswag, prefix_id, context,
                                                   config.batch_size)
     if inputs.lambada:
-        results["lambada"] = zeroshot.lambada(model, tokenizer, inputs.lambada, eot_id, context, config.batch_size)
+        results["lambada"] = zeroshot.lambada(model, tokenizer, inputs.lambada, prefix_id, context,
+                                              config.batch_size)
     for name, scores in results.items():
         log.info("evaluate: %s %s", name, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in scores.items()))
     return results
+
+
+def run_model_config(ckpt_dir: Path, identity: dict[str, Any], eot_id: int) -> Any:
+    """The transformers config the run built its model from (a run from before the train stage saved it: its
+    GPT-2 preset's)."""
+    path = ckpt_dir / checkpoint.MODEL_CONFIG
+    if path.is_file():
+        return config_from(json.loads(path.read_text()), str(path))
+    return model_config(identity["preset"], identity["vocab_size"], eot_id, identity["dropout"])
 
 
 def run(config: EvaluateConfig) -> Path:
@@ -179,39 +190,42 @@ def run(config: EvaluateConfig) -> Path:
     device = _device()
 
     torch.manual_seed(identity["seed"])
+    built = run_model_config(ckpt_dir, identity, index["eot_id"])
     if "init" in identity:  # a run from released weights: what training changed is measured from them
         spec = identity["init"]["init_from"]
-        model, start = pretrained.load(pretrained.locate(spec), FUSED_GELU).to(device), f"the starting weights ({spec})"
+        model, start = pretrained.load(pretrained.locate(spec), built).to(device), f"the starting weights ({spec})"
     else:
-        model = build_model(identity["preset"], identity["vocab_size"], index["eot_id"], identity["dropout"]).to(device)
-        start = "the untrained model"
+        model, start = build(built).to(device), "the untrained model"
     start_loss = validation_loss(model, val, config.batch_size, config.eval_tokens)
     tag, weights = checkpoint.load_weights(ckpt_dir, tag)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(model.state_dict()) - {name for name, _ in model.named_parameters()}
     if unexpected or set(missing) - tied:
-        raise PipelineError(f"{ckpt_dir / tag} does not fit the {identity['preset']} model (missing "
+        raise PipelineError(f"{ckpt_dir / tag} does not fit the model of {ckpt_dir / checkpoint.MODEL_CONFIG} (missing "
                             f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}).")
     step_info = ckpt_manifest["counts"]
     val_loss = validation_loss(model, val, config.batch_size, config.eval_tokens)
     log.info("evaluate %s at %s: val loss %.4f (perplexity %.2f); %s %.4f (perplexity %.2f)",
              name, tag, val_loss, math.exp(val_loss), start, start_loss, math.exp(start_loss))
     samples = generate_samples(model, tokenizer, config.seed, config.sample_tokens)
-    eot_id = index["eot_id"]
+    # a document starts as in the shards; an empty context is the harness's prefix token
+    eot_id, bos_id = index["eot_id"], tokenizer_info(tokenizer_dir).get("bos_id")
+    start_ids = [eot_id] if bos_id is None else [eot_id, bos_id]
     text_scores = None
     if inputs.text is not None:
-        window = model.config.n_positions
-        text_scores = zeroshot.text_scores(model, tokenizer, inputs.text, Path(config.eval_text), eot_id, window,
+        window = context_of(model.config)
+        text_scores = zeroshot.text_scores(model, tokenizer, inputs.text, Path(config.eval_text), start_ids, window,
                                            config.eval_stride or window // 2)
         log.info("evaluate: %s: loss %.4f, perplexity %.2f, %.3f bits/byte", config.eval_text, text_scores["loss"],
                  text_scores["perplexity"], text_scores["bits_per_byte"])
-    benchmarks = zero_shot(config, inputs, model, tokenizer, eot_id)
+    benchmarks = zero_shot(config, inputs, model, tokenizer,
+                           eot_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id)
 
     with export_out.building() as export_dir:
         model.config.pad_token_id = index["eot_id"]
         model.generation_config.pad_token_id = index["eot_id"]
         model.save_pretrained(export_dir, safe_serialization=True)
-        tokenizer.model_max_length = model.config.n_positions
+        tokenizer.model_max_length = context_of(model.config)
         tokenizer.save_pretrained(export_dir)
         exported = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=False).to(device)
         export_loss = validation_loss(exported, val, config.batch_size, config.eval_tokens)
@@ -229,8 +243,8 @@ def run(config: EvaluateConfig) -> Path:
         "export_val_loss": export_loss, "eval_tokens": scored_tokens, "samples": samples,
         "export_dir": str(export_out.final), "tokenizer": saved["tokenizer"], "shards": identity["shards"],
         "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json"),
-        "preset": identity["preset"], "seq_len": identity["seq_len"], "eval_text": text_scores,
-        "benchmarks": benchmarks,
+        "preset": identity["preset"], "family": built.model_type, "seq_len": identity["seq_len"],
+        "eval_text": text_scores, "benchmarks": benchmarks,
     }
     with eval_out.building() as eval_dir:
         drawn = plot_loss(read_curves(data.runs(name)), (report["step"], val_loss), eval_dir / "loss.png",

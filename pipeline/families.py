@@ -30,6 +30,7 @@ class Shape:
     vocab_size: int
     context: int  # the most positions the config allows
     position_parameters: int  # learned absolute position embeddings (GPT-2); rotary embeddings have none
+    tied_embeddings: bool  # the output layer is the token embedding (GPT-2, SmolLM2, Qwen2.5-1.5B; not Mistral)
     parameters: int  # counted on a model built on the meta device
 
     def activation_bytes_per_token(self) -> int:
@@ -40,6 +41,15 @@ class Shape:
         attention = 7 * self.width + 4 * self.kv_width
         mlp = 3 * self.width + 2 * (4 if self.gated_mlp else 2) * self.intermediate
         return attention + mlp + 4 * self.width
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, as PaLM's appendix, nanoGPT and llm.c count them: 6 per parameter that
+        multiplies (2 forward, 4 backward: every parameter but the position embeddings and, when the output layer
+        is a matrix of its own, the input embedding, which are lookups) plus 12 x layers x width x T for attention
+        (grouped-query attention shares keys and values, not the score and mix products). Activation
+        recomputation is not counted: this is model FLOPs, the basis of MFU."""
+        lookups = self.position_parameters + (0 if self.tied_embeddings else self.vocab_size * self.width)
+        return 6 * (self.parameters - lookups) + 12 * self.layers * self.width * seq_len
 
 
 def config_from(values: dict[str, Any], source: str) -> Any:
@@ -53,24 +63,56 @@ def config_from(values: dict[str, Any], source: str) -> Any:
     return AutoConfig.for_model(family, **{key: value for key, value in values.items() if key != "model_type"})
 
 
-def shape_of(config: Any) -> Shape:
-    """The shape of a transformers config of one of the FAMILIES; its parameters counted on the meta device."""
+def shape_of(config: Any, parameters: int | None = None) -> Shape:
+    """The shape of a transformers config of one of the FAMILIES; its parameters counted on the meta device
+    unless the caller has the model and counted them."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if parameters is None:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    tied = bool(config.tie_word_embeddings)
     if config.model_type == "gpt2":
         return Shape("gpt2", config.n_layer, config.n_embd, config.n_embd, config.n_inner or 4 * config.n_embd,
-                     False, config.vocab_size, config.n_positions, config.n_positions * config.n_embd, parameters)
+                     False, config.vocab_size, config.n_positions, config.n_positions * config.n_embd, tied,
+                     parameters)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return Shape(config.model_type, config.num_hidden_layers, config.hidden_size,
                  config.num_key_value_heads * head_dim, config.intermediate_size, True, config.vocab_size,
-                 config.max_position_embeddings, 0, parameters)
+                 config.max_position_embeddings, 0, tied, parameters)
+
+
+def for_training(config: Any, dropout: float, gelu: str) -> Any:
+    """`config` as onecard trains it: no key/value cache, `dropout` where the family has it (GPT-2: embeddings,
+    residuals and attention; the others: attention only), GPT-2's GELU as `gelu` names it (the others' SiLU
+    is one kernel already)."""
+    config.use_cache = False
+    if config.model_type == "gpt2":
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
+        config.activation_function = gelu
+    else:
+        config.attention_dropout = dropout
+    return config
+
+
+def context_of(config: Any) -> int:
+    """The most positions a config allows."""
+    return config.n_positions if config.model_type == "gpt2" else config.max_position_embeddings
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The transformer blocks of a causal LM of one of the FAMILIES, in order."""
+    return model.base_model.h if model.config.model_type == "gpt2" else model.base_model.layers
 
 
 def read_config(spec: str) -> Any:
-    """The config of `spec`: a config.json, a folder with one, or a hub id (its config.json through the local
-    Hugging Face cache, fetched into it first when the hub can be reached)."""
+    """The config of `spec`: a config.json, a folder with one, or a hub id (see read_values)."""
+    return config_from(*read_values(spec))
+
+
+def read_values(spec: str) -> tuple[dict[str, Any], str]:
+    """The values of the config.json of `spec` (a config.json, a folder with one, or a hub id: its config.json
+    through the local Hugging Face cache, fetched into it first when the hub can be reached), and its path."""
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / "config.json"
@@ -86,7 +128,6 @@ def read_config(spec: str) -> Any:
             raise PipelineError(f"--model {spec}: cannot get its config.json from the Hugging Face hub or its local "
                                 f"cache ({error}). Check the name, or give a local config.json.") from error
     try:
-        values = json.loads(path.read_text())
+        return json.loads(path.read_text()), str(path)
     except json.JSONDecodeError as error:
         raise PipelineError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}.") from error
-    return config_from(values, str(path))

@@ -26,7 +26,7 @@ from pipeline import precision as precisions
 from pipeline.dsconfig import CONFIGS, load_ds_config, offload_devices, shipped, shipped_configs
 from pipeline.hardware import GIB, GPUS, lookup_gpu
 from pipeline.memory import gpu_memory_bytes, host_and_disk_bytes
-from pipeline.model import preset_model_shape, training_flops_per_token
+from pipeline.model import preset_model_shape
 from pipeline.stage import PipelineError, stage_main
 
 log = logging.getLogger("onecard")
@@ -126,8 +126,7 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     params = shape.parameters
     gpu = card(config)
     tokens = TOKENS_PER_PARAMETER * params if config.tokens == "compute-optimal" else token_count(config.tokens)
-    per_token = training_flops_per_token(params - shape.position_parameters, shape.layers, shape.width,
-                                         config.seq_len)
+    per_token = shape.flops_per_token(config.seq_len)
     measured = measured_runs()
     configs = []
     for path in shipped_configs():

@@ -1,7 +1,7 @@
 """Released weights to start training from: a Hugging Face hub id (`openai-community/gpt2-xl`, `gpt2`, ...) or a
-local folder with config.json + model.safetensors (an onecard export is one). Loaded through transformers from
-safetensors only (no pickle), never with the folder's own code; checked against a preset's shape and against the
-tokenizer the shards were made with before anything is allocated.
+local folder with config.json + model.safetensors (an onecard export is one), of one of the families
+(pipeline/families.py). Loaded through transformers' own classes from safetensors only (no pickle), never with the
+folder's own code; checked against the tokenizer the shards were made with before anything is allocated.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.artifacts import sha256_file
 from pipeline.model import PRESETS
 from pipeline.stage import PipelineError
+from pipeline.tokenizer import differences_from
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
@@ -54,44 +55,31 @@ def read_config(folder: Path, spec: str) -> dict[str, Any]:
     return json.loads((folder / "config.json").read_text())
 
 
-def preset_of(config: dict[str, Any], spec: str) -> str:
-    """The preset with the weights' shape (layers, width, heads, context)."""
-    shape = (config.get("n_layer"), config.get("n_embd"), config.get("n_head"), config.get("n_positions"))
-    for name, preset in PRESETS.items():
-        if preset == shape:
+def preset_of(config: dict[str, Any]) -> str | None:
+    """The preset the weights have the shape of (every value the preset sets is the weights' too), if any."""
+    for name, values in PRESETS.items():
+        if all(config.get(key) == value for key, value in values.items()):
             return name
-    raise PipelineError(
-        f"--init-from {spec}: its shape (layers, width, heads, context) {shape} is none of onecard's GPT-2 presets "
-        f"({', '.join(f'{n} {s}' for n, s in PRESETS.items())}).")
+    return None
 
 
 def check_tokenizer(folder: Path, spec: str, config: dict[str, Any], shards_tokenizer: Path,
                     shards_vocab_size: int) -> None:
-    """The shards must be made with the weights' tokenizer: the same vocabulary and merges."""
+    """The shards must be made with the weights' tokenizer: a vocabulary the model's embedding holds (released
+    models often pad it: Qwen2.5's 151,936 rows for 151,665 tokens) and, when the weights come with their
+    tokenizer, the same tokenizer whole, as tokenize would make it from their folder."""
     fix = (f"Tokenize with the model's tokenizer: python -m pipeline.tokenize --tokenizer {spec} --force "
            "(then shard again).")
-    if config.get("vocab_size") != shards_vocab_size:
-        raise PipelineError(f"--init-from {spec} has a vocabulary of {config.get('vocab_size')} tokens, and the "
-                            f"shards were made with {shards_vocab_size} ({shards_tokenizer.name}). {fix}")
-    ours = bpe(shards_tokenizer)
-    theirs = bpe(folder)
-    if theirs is not None and ours != theirs:
-        raise PipelineError(f"--init-from {spec}: its tokenizer's vocabulary or merges differ from those the shards "
-                            f"were made with ({shards_tokenizer}). {fix}")
-
-
-def bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, ...]]] | None:
-    """(vocabulary, merges) of a byte-level BPE tokenizer folder: tokenizer.json, or GPT-2's vocab.json +
-    merges.txt; None when the folder has neither."""
-    if (folder / "tokenizer.json").is_file():
-        model = json.loads((folder / "tokenizer.json").read_text())["model"]
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-        return model.get("vocab", {}), merges
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-        return json.loads((folder / "vocab.json").read_text(encoding="utf-8")), merges
-    return None
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+    rows = config.get("vocab_size")
+    if not isinstance(rows, int) or rows < shards_vocab_size or (rows != shards_vocab_size and not has_tokenizer):
+        raise PipelineError(f"--init-from {spec} has a vocabulary of {rows} tokens, and the shards were made with "
+                            f"{shards_vocab_size} ({shards_tokenizer.name}). {fix}")
+    if has_tokenizer:
+        differences = differences_from(str(folder), shards_tokenizer)
+        if differences:
+            raise PipelineError(f"--init-from {spec}: its tokenizer differs from the one the shards were made with "
+                                f"({shards_tokenizer}) in {', '.join(differences)}. {fix}")
 
 
 def source(spec: str, folder: Path) -> dict[str, Any]:
@@ -101,9 +89,11 @@ def source(spec: str, folder: Path) -> dict[str, Any]:
     return {"init_from": spec, "sha256": sha256_file(folder / WEIGHTS)}
 
 
-def load(folder: Path, activation: str) -> Any:
-    """The weights as a GPT2LMHeadModel (float32, on the CPU), from safetensors, with no code of the folder's."""
-    from transformers import GPT2LMHeadModel
+def load(folder: Path, config: Any) -> Any:
+    """The weights as transformers' own class of their family, configured by `config` (the weights' config.json
+    as onecard trains it), in float32 on the CPU, from safetensors, with no code of the folder's."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    return GPT2LMHeadModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=False,
-                                           activation_function=activation, use_cache=False)
+    return AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=False)

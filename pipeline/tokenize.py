@@ -1,13 +1,16 @@
 """Stage 2, tokenize: make or fetch a tokenizer, then turn every raw document into token ids.
 
---tokenizer gpt2           the GPT-2 byte-level BPE from the Hugging Face hub (cached locally after one fetch)
---tokenizer PATH           a local tokenizer folder: a Hugging Face one (tokenizer.json) or GPT-2's
+--tokenizer gpt2           the GPT-2 byte-level BPE from the Hugging Face hub (cached locally after one fetch);
+                           any model's hub id the same way (Qwen/Qwen2.5-1.5B, HuggingFaceTB/SmolLM2-1.7B, ...)
+--tokenizer PATH           a local tokenizer folder: a Hugging Face one (tokenizer.json, BPE or Unigram) or GPT-2's
                            original vocab.json + merges.txt
 --tokenizer bpe:VOCAB      train a byte-level BPE of VOCAB tokens on the raw corpus (works offline)
 
 Writes the tokenizer, in Hugging Face format, to `data/tokenizer/<name>/` and the ids to
 `data/tokens/<corpus>/part_NNNNN.ids` with document boundaries in `part_NNNNN.offsets.npy`, one pair per
-raw part, written as they are encoded (memory does not grow with the corpus). Encoding runs on all cores, in
+raw part, written as they are encoded (memory does not grow with the corpus). A document starts with the
+tokenizer's beginning-of-text token where it puts one before a text (Llama, Mistral); the shards put its end-of-text
+token between documents. Encoding runs on all cores, in
 tiktoken when it reproduces the tokenizer exactly (GPT-2-style byte-level BPEs), else in `tokenizers`. An
 interrupted run resumes at the first part that was not finished.
 """
@@ -61,7 +64,7 @@ class Encoder:
     thread pool, otherwise. `submit` returns at once; the ids come from the function it returns.
     """
 
-    def __init__(self, tokenizer_dir: Path, vocab_size: int, sample: list[str]) -> None:
+    def __init__(self, tokenizer_dir: Path, vocab_size: int, sample: list[str], bos_id: int | None) -> None:
         from tokenizers import Tokenizer
 
         verify_files(tokenizer_dir, read_manifest(tokenizer_dir, "tokenizer"))
@@ -69,6 +72,7 @@ class Encoder:
         self.fast = tiktoken_encoding(tokenizer_dir / "tokenizer.json")
         self.workers = os.cpu_count() or 1
         self.dtype = token_dtype(vocab_size)
+        self.bos = None if bos_id is None else np.array([bos_id], dtype=self.dtype)
         self.pool = None
         if self.fast is not None:
             sample = [text[:SAMPLE_CHARS] for text in sample[:SAMPLE_DOCUMENTS]]
@@ -89,7 +93,14 @@ class Encoder:
         return "tokenizers" if self.fast is None else "tiktoken"
 
     def submit(self, path: Path, start: int, end: int) -> Callable[[], list[np.ndarray]]:
-        """Encode the JSON lines in bytes [start, end) of a download part (read where they are encoded)."""
+        """Encode the JSON lines in bytes [start, end) of a download part (read where they are encoded), each
+        document after the beginning-of-text token when the tokenizer has one."""
+        encoded = self._submit(path, start, end)
+        if self.bos is None:
+            return encoded
+        return lambda: [np.concatenate((self.bos, ids)) for ids in encoded()]
+
+    def _submit(self, path: Path, start: int, end: int) -> Callable[[], list[np.ndarray]]:
         if self.pool is None:
             encodings = self.backend.encode_batch_fast(_read_texts(path, start, end), add_special_tokens=False)
             result = [np.asarray(e.ids, dtype=self.dtype) for e in encodings]
@@ -173,6 +184,9 @@ def run(config: TokenizeConfig) -> Path:
     info = tokenizer_info(tokenizer_dir)
     params = {"tokenizer": info["name"], "vocab_size": info["vocab_size"], "eot_id": info["eot_id"],
               "max_tokens": config.max_tokens}
+    bos_id = info.get("bos_id")  # tokenizers made before onecard knew beginning-of-text tokens: none
+    if bos_id is not None:
+        params["bos_id"] = bos_id
     out = StageOutput(data.tokens(corpus), "tokenize", FORMAT_VERSION, params,
                       {"raw": raw_dir, "tokenizer": tokenizer_dir}, force=config.force)
     if out.up_to_date():
@@ -182,7 +196,7 @@ def run(config: TokenizeConfig) -> Path:
                        "the token ids")
     parts = document_parts(raw_dir)
     sample = _read_texts(parts[0], 0, _line_bounds(parts[0], 0, parts[0].stat().st_size, 1 << 20)[1]) if parts else []
-    encode = Encoder(tokenizer_dir, info["vocab_size"], sample)
+    encode = Encoder(tokenizer_dir, info["vocab_size"], sample, bos_id)
     verify_files(raw_dir, raw)
     documents = tokens = 0
     with out.building(resumable=True) as folder, tqdm(total=sum(p.stat().st_size for p in parts), unit="B",

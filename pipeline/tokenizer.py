@@ -1,10 +1,13 @@
-"""Tokenizers: make or fetch one (a byte-level BPE trained on the corpus, GPT-2's files, a hub tokenizer) into
-`tokenizer/<name>/` in Hugging Face format, load it, and encode with tiktoken where that is exact."""
+"""Tokenizers: make or fetch one (a byte-level BPE trained on the corpus, GPT-2's files, any Hugging Face
+tokenizer.json: BPE or Unigram, a hub tokenizer) into `tokenizer/<name>/` in Hugging Face format, find the tokens
+that frame a document (the tokenizer's own end-of-text token, and its beginning-of-text token where it puts one
+before a text), compare two tokenizers whole, load one, and encode with tiktoken where that is exact."""
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,8 +41,9 @@ def _train_bpe(vocab_size: int, raw_dir: Path) -> Any:
 
 
 def _no_eot(spec: str) -> PipelineError:
-    return PipelineError(f"tokenizer {spec!r} has no {EOT} token; onecard separates documents with it. "
-                         "Use a GPT-2-style tokenizer, or train one with --tokenizer bpe:VOCAB_SIZE.")
+    return PipelineError(f"tokenizer {spec!r} has no end-of-text token (no eos_token in its tokenizer_config.json, "
+                         f"no {EOT} in its vocabulary); onecard separates documents with it. Add the model's "
+                         "eos_token to its tokenizer_config.json, or train one with --tokenizer bpe:VOCAB_SIZE.")
 
 
 def _gpt2_files(folder: Path, spec: str) -> Any:
@@ -75,6 +79,66 @@ def _save_pretrained(spec: str, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def write_tokenizer(spec: str, folder: Path, raw_dir: Path | None = None) -> None:
+    """The tokenizer files of `--tokenizer spec` (trained on `raw_dir` for bpe:) in `folder`, as tokenize uses
+    them."""
+    local = Path(spec).expanduser()
+    if spec.startswith("bpe:"):
+        _save(_train_bpe(int(spec[4:]), raw_dir), folder)
+    elif local.is_dir() and not (local / "tokenizer.json").is_file():
+        if not ((local / "vocab.json").is_file() and (local / "merges.txt").is_file()):
+            raise PipelineError(
+                f"{local} holds neither tokenizer.json nor vocab.json + merges.txt: it is not a tokenizer folder.")
+        _save(_gpt2_files(local, spec), folder)
+    else:
+        _save_pretrained(str(local) if local.is_dir() else spec, folder)
+
+
+def document_tokens(folder: Path, spec: str) -> dict[str, Any]:
+    """The tokens that frame a document: the tokenizer's own end-of-text token (its eos_token: GPT-2's and
+    Qwen2.5's <|endoftext|>, Llama 3's <|end_of_text|>, Mistral's </s>), written between documents, and the
+    beginning-of-text token the tokenizer puts before a text when it has one of its own (Llama's <|begin_of_text|>,
+    Mistral's <s>), written at the start of each document; None where it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    eot = tokenizer.eos_token or (EOT if EOT in tokenizer.get_vocab() else None)
+    if eot is None or eot not in tokenizer.get_vocab():
+        raise _no_eot(spec)
+    eot_id, bos_id = tokenizer.convert_tokens_to_ids(eot), tokenizer.bos_token_id
+    puts_bos = bos_id is not None and bos_id != eot_id and tokenizer("a")["input_ids"][:1] == [bos_id]
+    return {"eot": eot, "eot_id": eot_id, "bos_id": bos_id if puts_bos else None}
+
+
+# What a tokenizer.json holds that does not change the ids: limits set for a batch, the file format's version.
+NOT_ENCODING = ("truncation", "padding", "version")
+
+
+def tokenizer_differences(ours: Path, theirs: Path) -> list[str]:
+    """What differs between two tokenizer folders as tokenize writes them: the parts of tokenizer.json that
+    make the ids (the model with its vocabulary and merges or pieces, normalizer, pre-tokenizer, post-processor,
+    decoder, added tokens) and the tokens that frame a document."""
+    a, b = (json.loads((folder / "tokenizer.json").read_text()) for folder in (ours, theirs))
+    differences = []
+    for key in sorted((set(a) | set(b)) - set(NOT_ENCODING)):
+        if key == "model" and isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            differences += [f"model.{part}" for part in sorted(set(a[key]) | set(b[key]))
+                            if a[key].get(part) != b[key].get(part)]
+        elif a.get(key) != b.get(key):
+            differences.append(key)
+    framing_a, framing_b = document_tokens(ours, str(ours)), document_tokens(theirs, str(theirs))
+    differences += [f"{name} {framing_a[name]!r} vs {framing_b[name]!r}" for name in framing_a
+                    if framing_a[name] != framing_b[name]]
+    return differences
+
+
+def differences_from(spec: str, ours: Path) -> list[str]:
+    """What differs between the tokenizer folder `ours` and the tokenizer tokenize would make of `spec`."""
+    with tempfile.TemporaryDirectory(prefix="onecard-tokenizer-") as scratch:
+        write_tokenizer(spec, Path(scratch))
+        return tokenizer_differences(ours, Path(scratch))
+
+
 def build_tokenizer(spec: str, data: DataDir, corpus: str, raw_dir: Path, force: bool = False) -> Path:
     """The tokenizer folder for `--tokenizer spec` (trained on `raw_dir` for bpe:), made once and reused."""
     params: dict[str, Any] = {"spec": spec}
@@ -92,22 +156,11 @@ def build_tokenizer(spec: str, data: DataDir, corpus: str, raw_dir: Path, force:
     if out.up_to_date():
         return out.final
     with out.building() as folder:
-        local = Path(spec).expanduser()
-        if spec.startswith("bpe:"):
-            _save(_train_bpe(int(spec[4:]), raw_dir), folder)
-        elif local.is_dir() and not (local / "tokenizer.json").is_file():
-            if not ((local / "vocab.json").is_file() and (local / "merges.txt").is_file()):
-                raise PipelineError(
-                    f"{local} holds neither tokenizer.json nor vocab.json + merges.txt: it is not a tokenizer folder.")
-            _save(_gpt2_files(local, spec), folder)
-        else:
-            _save_pretrained(str(local) if local.is_dir() else spec, folder)
+        write_tokenizer(spec, folder, raw_dir)
         from tokenizers import Tokenizer
 
         backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        if backend.token_to_id(EOT) is None:
-            raise _no_eot(spec)
-        out.counts = {"vocab_size": backend.get_vocab_size(with_added_tokens=True), "eot_id": backend.token_to_id(EOT)}
+        out.counts = {"vocab_size": backend.get_vocab_size(with_added_tokens=True), **document_tokens(folder, spec)}
     return out.final
 
 

@@ -1,6 +1,9 @@
-"""Stage 4, train: GPT-2 under DeepSpeed ZeRO with CPU/NVMe offload, resumable exactly.
+"""Stage 4, train: a causal LM (GPT-2, Llama, Qwen2, Mistral) under DeepSpeed ZeRO with CPU/NVMe offload,
+resumable exactly.
 
     deepspeed launch/train.py --deepspeed ds_configs/zero3_offload.json [--preset gpt2-xl] [--max-steps N] ...
+    ... [--model path/to/config.json]        from scratch, any model of the families (pipeline/families.py)
+    ... [--init-from Qwen/Qwen2.5-1.5B]      from released safetensors weights
 
 The DeepSpeed JSON decides ZeRO stage, offload, precision, batch sizes and AdamW hyper-parameters; the flags
 below may override the batch sizes, precision and learning rate, and the merged config is logged and saved
@@ -27,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline import checkpoint, preflight, pretrained
+from pipeline import checkpoint, families, preflight, pretrained
 from pipeline import precision as precisions
 from pipeline.artifacts import input_entry, require_free_space, write_json_atomic
 from pipeline.data import TokenSequences, TrainBatches, micro_batch_loader
@@ -55,13 +58,14 @@ from pipeline.model import (
     LOSS_CHUNK_TOKENS,
     PRESETS,
     TrainingModel,
-    build_model,
+    build,
+    compile_layers,
+    default_seq_len,
     enable_activation_checkpointing,
     flops_per_token,
+    model_config,
     optimizer_groups,
     parameter_count,
-    preset_context,
-    preset_model_shape,
 )
 from pipeline.shard_format import load_index
 from pipeline.stage import (
@@ -83,13 +87,17 @@ class TrainConfig(StageConfig):
     deepspeed: str = field(default="ds_configs/zero3_offload.json", metadata={"help": "DeepSpeed JSON config"})
     corpus: str = field(default="builtin", metadata={"help": "corpus to train on (a folder under shards/)"})
     preset: str | None = field(default=None, metadata={
-        "help": "tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (default: tiny, or the shape of --init-from)"})
+        "help": f"{' | '.join(PRESETS)} (default: tiny, or the shape of --init-from)"})
+    model: str | None = field(default=None, metadata={
+        "help": "train from scratch a model of this config.json (the file, its folder or a hub id): GPT-2, "
+                "Llama, Qwen2 or Mistral, through transformers' own classes"})
     init_from: str | None = field(default=None, metadata={
-        "help": "start from released weights: a Hugging Face hub id (openai-community/gpt2-xl, gpt2, ...) or a "
-                "folder with config.json + model.safetensors (an onecard export too)"})
+        "help": "start from released weights: a Hugging Face hub id (openai-community/gpt2-xl, "
+                "Qwen/Qwen2.5-1.5B, ...) or a folder with config.json + model.safetensors (an onecard export too)"})
     run: str | None = field(default=None, metadata={
         "help": "run name (default: <corpus>-<preset>-<config>-<YYYYMMDD>, the newest such run if one exists)"})
-    seq_len: int | None = field(default=None, metadata={"help": "sequence length (default: the preset's context)"})
+    seq_len: int | None = field(default=None, metadata={
+        "help": "sequence length (default: the model's context, at most 2048)"})
     max_steps: int = field(default=300, metadata={"help": "optimizer steps to train for, in total"})
     warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps (default: 5%% of max)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "the cosine decays to this fraction of the peak"})
@@ -103,16 +111,16 @@ class TrainConfig(StageConfig):
                 "moments carry over; an fp16 loss scale starts anew)"})
     lr: float | None = field(default=None, metadata={"help": "override the optimizer's peak learning rate"})
     activation_checkpointing: int = field(
-        default=0, metadata={"help": "recompute activations of every k-th transformer block in the backward "
+        default=0, metadata={"help": "recompute activations of every k-th decoder layer in the backward "
                              "pass: 0 off, 1 every block, k every k-th (less memory, more compute)"})
     selective_checkpointing: bool = field(
-        default=False, metadata={"help": "in the checkpointed blocks keep the matmul and attention outputs and "
-                                 "recompute only LayerNorm, GELU and the adds (more memory, less compute)"})
+        default=False, metadata={"help": "in the checkpointed layers keep the matmul and attention outputs and "
+                                 "recompute only the norms, activations and adds (more memory, less compute)"})
     activation_offload: bool = field(
         default=False, metadata={"help": "keep the checkpointed activations in pinned host memory"})
     compile: bool = field(
-        default=False, metadata={"help": "torch.compile each transformer block (fuses LayerNorm, GELU, bias adds "
-                                 "and residuals; the first step pays the compilation)"})
+        default=False, metadata={"help": "torch.compile each decoder layer (fuses the norms, activations, bias "
+                                 "adds and residuals; the first step pays the compilation)"})
     fused_gelu: bool = field(
         default=True, metadata={"help": "PyTorch's fused tanh-GELU (--no-fused-gelu: GPT-2's op-by-op gelu_new, "
                                 "the same function)"})
@@ -154,8 +162,14 @@ def run_name(config: TrainConfig) -> str:
 
 
 def model_name(config: TrainConfig) -> str:
-    """The model part of a run's default name: the preset, or `from-<weights>` (as the Makefile spells it)."""
-    return f"from-{Path(config.init_from.rstrip('/')).name}" if config.init_from else config.preset or "tiny"
+    """The model part of a run's default name: the preset, the --model config's name (its folder's, for a
+    config.json) or `from-<weights>` (as the Makefile spells it)."""
+    if config.init_from:
+        return f"from-{Path(config.init_from.rstrip('/')).name}"
+    if config.model:
+        path = Path(config.model.rstrip("/"))
+        return path.parent.name if path.name == "config.json" else path.name.removesuffix(".json")
+    return config.preset or "tiny"
 
 
 @dataclass(frozen=True)
@@ -168,17 +182,42 @@ class Start:
 
 
 def resolve_start(config: TrainConfig) -> tuple[TrainConfig, Start | None]:
-    """The config with its preset settled, and the --init-from weights (located and checked, not yet loaded)."""
+    """The config with its model settled (a preset, --model or --init-from; a preset too when the weights have a
+    preset's shape), and the --init-from weights (located and checked, not yet loaded)."""
+    if config.model and (config.preset or config.init_from):
+        raise PipelineError(f"--model {config.model} with --{'preset' if config.preset else 'init-from'}: give one "
+                            "of --preset, --model (a config.json, trained from scratch) and --init-from (weights).")
     if not config.init_from:
-        return replace(config, preset=config.preset or "tiny"), None
+        return replace(config, preset=config.preset or (None if config.model else "tiny")), None
     folder = pretrained.locate(config.init_from)
     weights_config = pretrained.read_config(folder, config.init_from)
-    preset = pretrained.preset_of(weights_config, config.init_from)
+    preset = pretrained.preset_of(weights_config)
     if config.preset not in (None, preset):
-        raise PipelineError(f"--preset {config.preset}, but --init-from {config.init_from} has the shape of {preset} "
-                            f"(layers, width, heads, context {PRESETS[preset]}). Leave --preset out, or give weights "
-                            f"of the {config.preset} shape.")
+        raise PipelineError(f"--preset {config.preset}, but --init-from {config.init_from} is "
+                            f"{'of the ' + preset + ' shape' if preset else 'of no preset shape'}. Leave --preset "
+                            f"out (the weights' config.json decides the model), or give weights of the "
+                            f"{config.preset} shape.")
     return replace(config, preset=preset), Start(folder, weights_config, pretrained.source(config.init_from, folder))
+
+
+def run_model_config(config: TrainConfig, start: Start | None, vocab_size: int, eot_id: int) -> tuple[Any, dict]:
+    """The transformers config of the run's model, and what the run's identity keeps of it: a preset with the
+    shards' vocabulary, the --model config.json, or the weights' own config.json."""
+    gelu = FUSED_GELU if config.fused_gelu else GPT2_GELU
+    if config.preset and start is None:
+        return model_config(config.preset, vocab_size, eot_id, config.dropout, gelu), {}
+    if start is not None:
+        values, source = start.config, str(start.folder / "config.json")
+    else:
+        values, source = families.read_values(config.model)
+    model = families.for_training(families.config_from(values, source), config.dropout, gelu)
+    if model.vocab_size < vocab_size:
+        raise PipelineError(
+            f"{source} has a vocabulary of {model.vocab_size} tokens and the shards' tokenizer {vocab_size}: the "
+            "model cannot take their ids. Tokenize with the model's own tokenizer (python -m pipeline.tokenize "
+            "--tokenizer FOLDER_OR_HUB_ID --force, then shard again), or give a config with a vocab_size of at "
+            f"least {vocab_size}.")
+    return model, ({} if start is not None else {"model": values})
 
 
 def lr_ratio(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -218,10 +257,10 @@ def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path,
 
 
 def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any], shards_dir: Path, seq_len: int,
-                 world_size: int, start: Start | None = None) -> dict[str, Any]:
+                 world_size: int, start: Start | None, model: dict[str, Any]) -> dict[str, Any]:
     """What a resumed run must keep (max_steps may change: it extends the run), and its layout (LAYOUT), which
     may change as long as the global batch stays the same. A run from released weights keeps where they came
-    from (`init`)."""
+    from (`init`), one from a --model config.json the config's values (`model`)."""
     identity = {"corpus": config.corpus, "shards": input_entry(shards_dir)["manifest_sha256"],
                 "vocab_size": index["vocab_size"], "preset": config.preset, "seq_len": seq_len,
                 "seed": config.seed, "dropout": config.dropout, "train_batch_size": ds["train_batch_size"],
@@ -229,7 +268,7 @@ def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any],
                 "grad_accum": ds["gradient_accumulation_steps"],
                 "zero_stage": ds["zero_optimization"]["stage"], "offload": offload_devices(ds),
                 "precision": precisions.precision_of(ds), "optimizer": ds["optimizer"],
-                "gradient_clipping": ds.get("gradient_clipping")}
+                "gradient_clipping": ds.get("gradient_clipping"), **model}
     if start is not None:
         identity["init"] = start.source
     return json.loads(json.dumps(identity))  # as it reads back from run.json (tuples become lists)
@@ -333,6 +372,8 @@ class Session:
     start: Start | None
     precision: precisions.Choice
     switches_precision: bool  # resumed in another precision than it was trained in (--allow-precision-change)
+    model_config: Any  # the transformers config of the model
+    shape: families.Shape
 
     @property
     def ckpt_dir(self) -> Path:
@@ -357,7 +398,7 @@ class Session:
 
 @dataclass
 class Trainee:
-    """The model as the loop drives it: the DeepSpeed engine, the GPT-2 inside it, where training resumes."""
+    """The model as the loop drives it: the DeepSpeed engine, the causal LM inside it, where training resumes."""
 
     engine: Any
     model: torch.nn.Module
@@ -397,19 +438,20 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
     data, name = DataDir(config.data_dir), run_name(config)
     ckpt_dir, shards_dir = data.checkpoints(name), data.shards(config.corpus)
     index = load_index(shards_dir, checksums=config.verify_data)
-    seq_len = config.seq_len or preset_context(config.preset)
-    if seq_len > preset_context(config.preset):
-        raise PipelineError(
-            f"--seq-len {seq_len} is longer than the {config.preset} context of {preset_context(config.preset)}."
-        )
+    model, model_identity = run_model_config(config, start, index["vocab_size"], index["eot_id"])
+    shape = families.shape_of(model)
+    seq_len = config.seq_len or default_seq_len(model)
+    if seq_len > shape.context:
+        raise PipelineError(f"--seq-len {seq_len} is longer than the context of {describe_model(config)}, "
+                            f"{shape.context}.")
     if start is not None:
         pretrained.check_tokenizer(start.folder, config.init_from, start.config,
                                    data.tokenizer(index["tokenizer"]["name"]), index["vocab_size"])
     ds, choice = deepspeed_config(config, world_size, data.root, name)
     if config.gpu_mem_cap is not None:  # checked before anything is written
         cap_gpu_memory(config.gpu_mem_cap)
-    estimate = check_fits(config, ds, index["vocab_size"], seq_len) if config.preflight else None
-    identity = run_identity(config, ds, index, shards_dir, seq_len, world_size, start)
+    estimate = check_fits(config, ds, shape, seq_len) if config.preflight else None
+    identity = run_identity(config, ds, index, shards_dir, seq_len, world_size, start, model_identity)
     if rank == 0 and config.force:
         for folder in (ckpt_dir, data.runs(name), data.nvme(name)):
             shutil.rmtree(folder, ignore_errors=True)
@@ -426,19 +468,25 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
                                                            "precision": asdict(choice),
                                                            "tokenizer": index["tokenizer"]})
         write_json_atomic(ckpt_dir / "ds_config.json", ds)
+        write_json_atomic(ckpt_dir / checkpoint.MODEL_CONFIG, model.to_diff_dict())  # what evaluate builds
     dist.barrier()
     log.info("run %s: %s", name, describe(ds))
     log.info("precision %s", choice)
     # The whole merged config is saved beside the checkpoints and in TensorBoard; the console gets the summary.
     log.debug("merged config:\n%s", merged_config(config, ds, choice))
     return Session(config, name, rank, world_size, data, index, ds, identity, seq_len, end_step, estimate, start,
-                   choice, switches_precision)
+                   choice, switches_precision, model, shape)
 
 
-def check_fits(config: TrainConfig, ds: dict[str, Any], vocab_size: int, seq_len: int) -> preflight.Needs:
+def describe_model(config: TrainConfig) -> str:
+    """The run's model as the command line named it: the preset (of the weights too, when they have a preset's
+    shape), else the --model config or the --init-from weights."""
+    return config.preset or config.model or str(config.init_from)
+
+
+def check_fits(config: TrainConfig, ds: dict[str, Any], shape: families.Shape, seq_len: int) -> preflight.Needs:
     """The preflight (pipeline/preflight.py), on every rank, all refusing together: what this run needs."""
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-    shape = preset_model_shape(config.preset, vocab_size)
     needs = preflight.estimate(ds, shape, seq_len, config.activation_checkpointing, local_ranks)
     machine = preflight.read_machine(config.gpu_mem_cap)
     log.info("preflight: about %.1f GiB of host RAM (%.1f available), %.1f GiB page-locked%s", needs.host_bytes / GIB,
@@ -464,19 +512,16 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
 
     config, ds = session.config, session.ds
     torch.manual_seed(config.seed)
-    activation = FUSED_GELU if config.fused_gelu else GPT2_GELU
     if session.start is not None:
-        model = pretrained.load(session.start.folder, activation).to(build_device(session)).train()
+        model = pretrained.load(session.start.folder, session.model_config).to(build_device(session)).train()
         log.info("starting from %s (%s)", config.init_from, session.start.folder)
     else:
-        model = build_model(config.preset, session.index["vocab_size"], session.index["eot_id"], config.dropout,
-                            activation=activation, device=build_device(session)).train()
+        model = build(session.model_config, device=build_device(session)).train()
     if config.activation_checkpointing:
         enable_activation_checkpointing(model, config.activation_checkpointing, config.selective_checkpointing,
                                         config.activation_offload)
     if config.compile:
-        for block in model.transformer.h:
-            block.compile()
+        compile_layers(model)
     n_params, flops = parameter_count(model), flops_per_token(model, session.seq_len)
     disk = checkpoint.disk_needs(session.ckpt_dir, n_params, ds, nvme_too=True)
     _check_disk(disk if config.checkpoint_every else [need for need in disk if need.what != checkpoint.NEXT])
@@ -510,9 +555,11 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
         for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
             group["lr"] = base_lr * schedule(scheduler.last_epoch)
     clock.lap("checkpoint load")
-    log.info("model %s: %.2fM parameters, %.2f GFLOP/token, %d tokens per step, training steps %d..%d of %d on %s",
-             config.preset, n_params / 1e6, flops / 1e9, session.tokens_per_step, start_step + 1, session.end_step,
-             config.max_steps, device_name())
+    shape = session.shape
+    log.info("model %s (%s, %d layers, width %d, vocabulary %d): %.2fM parameters, %.2f GFLOP/token, %d tokens per "
+             "step, training steps %d..%d of %d on %s", describe_model(config), shape.family, shape.layers,
+             shape.width, shape.vocab_size, n_params / 1e6, flops / 1e9, session.tokens_per_step, start_step + 1,
+             session.end_step, config.max_steps, device_name())
     return Trainee(engine, model, start_step, n_params, flops,
                    peak_tflops(session.precision.precision, config.peak_tflops))
 
@@ -526,7 +573,7 @@ def build_device(session: Session) -> str:
     device = get_accelerator().current_device_name()
     if not torch.cuda.is_available() or session.ds["zero_optimization"]["stage"] == 3:
         return "cpu"
-    needed = 1.2 * 4 * preset_model_shape(session.config.preset, session.index["vocab_size"]).parameters
+    needed = 1.2 * 4 * session.shape.parameters
     room = torch.cuda.mem_get_info()[0]
     if session.config.gpu_mem_cap is not None:
         room = min(room, session.config.gpu_mem_cap * GIB)

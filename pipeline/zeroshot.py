@@ -147,27 +147,35 @@ def autocast_for(device: torch.device) -> Any:
     return torch.autocast("cuda", dtype=dtype) if dtype else nullcontext()
 
 
-def _encode_pair(tokenizer: Any, context: str, continuation: str, eot_id: int) -> tuple[list[int], list[int]]:
+def _encode_pair(tokenizer: Any, context: str, continuation: str, prefix_id: int) -> tuple[list[int], list[int]]:
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:
-        return [eot_id], tokenizer.encode(continuation, add_special_tokens=False)
-    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
-    context_ids = tokenizer.encode(context, add_special_tokens=False)
+        return [prefix_id], tokenizer.encode(continuation, add_special_tokens=False)
+    prefix = tokenizer.decode(prefix_id)
+    whole, context_ids = (_encode(tokenizer, text, prefix) for text in (context + continuation, context))
     return context_ids, whole[len(context_ids):]
 
 
+def _encode(tokenizer: Any, text: str, prefix: str) -> list[int]:
+    """A text as the harness encodes it: with the tokenizer's own special tokens (a Llama's <s> first; none for
+    GPT-2), unless the text starts with the prefix token already."""
+    return tokenizer.encode(text, **({"add_special_tokens": False} if text.startswith(prefix) else {}))
+
+
 @torch.no_grad()
-def loglikelihoods(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], eot_id: int, max_length: int,
+def loglikelihoods(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], prefix_id: int, max_length: int,
                    batch_size: int = 16, desc: str = "score") -> list[tuple[float, bool]]:
     """(sum of log-likelihoods of the continuation, whether it is the greedy one) for each (context,
-    continuation). Batches are right-padded, which a causal model never attends to."""
+    continuation); an empty context is `prefix_id` (lm-evaluation-harness's prefix token: the tokenizer's
+    beginning-of-text token when it has one, else end-of-text). Batches are right-padded, which a causal model
+    never attends to."""
     device = next(model.parameters()).device
     model.eval()
     requests = []
     for context, continuation in pairs:
-        context_ids, continuation_ids = _encode_pair(tokenizer, context, continuation, eot_id)
+        context_ids, continuation_ids = _encode_pair(tokenizer, context, continuation, prefix_id)
         if not continuation_ids:
             raise PipelineError(f"the continuation {continuation!r} is empty once tokenized: nothing to score.")
         requests.append(((context_ids + continuation_ids)[-(max_length + 1):][:-1], continuation_ids))
@@ -177,7 +185,7 @@ def loglikelihoods(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], eot
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             width = len(requests[batch[0]][0])
-            inputs = torch.full((len(batch), width), eot_id, dtype=torch.long)
+            inputs = torch.full((len(batch), width), prefix_id, dtype=torch.long)
             for row, index in enumerate(batch):
                 ids = requests[index][0]
                 inputs[row, : len(ids)] = torch.tensor(ids)
@@ -199,10 +207,10 @@ def multiple_choice_scores(logliks: list[float], choices: list[str], gold: int) 
     return {"acc": float(acc), "acc_norm": float(acc_norm)}
 
 
-def hellaswag(model: Any, tokenizer: Any, items: list[MultipleChoice], eot_id: int, max_length: int,
+def hellaswag(model: Any, tokenizer: Any, items: list[MultipleChoice], prefix_id: int, max_length: int,
               batch_size: int = 16) -> dict[str, Any]:
     pairs = [(item.query, " " + choice) for item in items for choice in item.choices]
-    flat = [ll for ll, _ in loglikelihoods(model, tokenizer, pairs, eot_id, max_length, batch_size, "hellaswag")]
+    flat = [ll for ll, _ in loglikelihoods(model, tokenizer, pairs, prefix_id, max_length, batch_size, "hellaswag")]
     per_item, position = [], 0
     for item in items:
         per_item.append(multiple_choice_scores(flat[position : position + len(item.choices)], item.choices,
@@ -212,9 +220,9 @@ def hellaswag(model: Any, tokenizer: Any, items: list[MultipleChoice], eot_id: i
                                     for metric in ("acc", "acc_norm")}}
 
 
-def lambada(model: Any, tokenizer: Any, items: list[tuple[str, str]], eot_id: int, max_length: int,
+def lambada(model: Any, tokenizer: Any, items: list[tuple[str, str]], prefix_id: int, max_length: int,
             batch_size: int = 16) -> dict[str, Any]:
-    scored = loglikelihoods(model, tokenizer, items, eot_id, max_length, batch_size, "lambada")
+    scored = loglikelihoods(model, tokenizer, items, prefix_id, max_length, batch_size, "lambada")
     return {"items": len(items), "acc": sum(greedy for _, greedy in scored) / len(items),
             "perplexity": math.exp(-sum(ll for ll, _ in scored) / len(items))}
 
@@ -263,11 +271,11 @@ def read_text(path: Path) -> str:
     return text
 
 
-def text_scores(model: Any, tokenizer: Any, text: str, path: Path, eot_id: int, window: int,
+def text_scores(model: Any, tokenizer: Any, text: str, path: Path, start_ids: list[int], window: int,
                 stride: int) -> dict[str, Any]:
-    """Loss, perplexity and bits per byte of a text (the file `path`), scored as one document after
-    <|endoftext|>."""
-    ids = [eot_id, *tokenizer.encode(text, add_special_tokens=False)]
+    """Loss, perplexity and bits per byte of a text (the file `path`), scored as one document that starts as
+    the shards' do (`start_ids`: end-of-text, then the beginning-of-text token where the tokenizer has one)."""
+    ids = [*start_ids, *tokenizer.encode(text, add_special_tokens=False)]
     nll, tokens = sliding_window_nll(model, ids, window, stride)
     return {"path": str(path), "tokens": tokens, "bytes": len(text.encode("utf-8")), "window": window,
             "stride": stride, "loss": nll / tokens, "perplexity": math.exp(nll / tokens),

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import download, shard, tokenize
+from pipeline.families import config_from, for_training
+from pipeline.model import FUSED_GELU, PRESETS
 from pipeline.shard_format import ShardHeader, ShardWriter
 from pipeline.tokenizer import gpt2_byte_chars
 
@@ -19,6 +21,36 @@ WORDS = [
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
     "judge", "boxing", "matches", "and", "the", "river", "carries", "old", "leaves", "past", "the", "mill",
 ]
+
+
+# config.json values of a tiny model of each family onecard trains (the vocabulary is the test's): GPT-2 and Llama
+# are presets; Qwen2 has biased query/key/value projections; Mistral an untied output layer and a sliding window
+# shorter than the tests' sequences.
+TINY = {
+    "gpt2": PRESETS["tiny"],
+    "llama": PRESETS["llama-tiny"],
+    "qwen2": {"model_type": "qwen2", "num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 352, "max_position_embeddings": 256,
+              "rope_theta": 1000000.0, "tie_word_embeddings": True},
+    "mistral": {"model_type": "mistral", "num_hidden_layers": 4, "hidden_size": 128, "num_attention_heads": 4,
+                "num_key_value_heads": 1, "intermediate_size": 352, "max_position_embeddings": 256,
+                "sliding_window": 16, "tie_word_embeddings": False},
+}
+
+
+def tiny_values(family: str, vocab_size: int, eot_id: int) -> dict:
+    """The config.json values of TINY[family] with a vocabulary."""
+    return {**TINY[family], "vocab_size": vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id}
+
+
+def tiny_model(family: str, vocab_size: int, eot_id: int, seed: int = 0):
+    """A freshly initialised tiny model of `family`, as the trainer builds it."""
+    import torch
+
+    from pipeline.model import build
+
+    torch.manual_seed(seed)
+    return build(for_training(config_from(tiny_values(family, vocab_size, eot_id), family), 0.0, FUSED_GELU))
 
 
 def english_documents(count: int, words: int, seed: int = 0) -> list[str]:
@@ -79,6 +111,28 @@ def write_gpt2_format(folder: Path, texts: list[str], vocab_size: int) -> Path:
         vocab.setdefault(left + right, len(vocab))
     vocab["<|endoftext|>"] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab))
+    return folder
+
+
+def write_sentencepiece_style(folder: Path, texts: list[str], filler: int = 0) -> Path:
+    """A Unigram tokenizer.json in the way of Llama 2 and Mistral (Metaspace pieces, <unk> <s> </s> as ids 0-2, a
+    post-processor that puts <s> before a text) with a tokenizer_config.json naming its tokens; `filler` unused
+    pieces come before the text's own, so that those get ids above `filler`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    words = sorted({"\u2581" + word for text in texts for word in text.split()})
+    chars = sorted({"\u2581", *(char for text in texts for char in text if not char.isspace())})
+    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), *((f"<unused{i}>", -30.0) for i in range(filler)),
+             *((char, -10.0) for char in chars), *((word, -2.0) for word in words)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=0))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+    folder.mkdir(parents=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     return folder
 
 

@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, english_documents, subprocess_env
+from helpers import (
+    REPO,
+    english_documents,
+    prepare,
+    subprocess_env,
+    tiny_values,
+    write_jsonl,
+    write_sentencepiece_style,
+)
 
 from pipeline.data import TokenSequences
 from pipeline.evaluate import EvaluateConfig, run
@@ -57,6 +65,21 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory, builtin_data: Path) -> P
     started = time.time()
     run(EvaluateConfig(data_dir=data_dir, run="run", eval_tokens=4096, eval_stride=16, **files))
     (data_dir / "evaluate-seconds").write_text(str(time.time() - started))
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def llama_evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama trained from its config.json on text tokenized by a Unigram tokenizer that puts <s> first,
+    then evaluated and exported."""
+    root = tmp_path_factory.mktemp("llama-evaluated")
+    texts = english_documents(60, 80, seed=11)
+    data_dir = prepare(root / "data", str(write_jsonl(root / "docs.jsonl", texts)), "builtin",
+                       str(write_sentencepiece_style(root / "tokenizer", texts)))
+    index = load_index(data_dir / "shards" / "builtin")
+    (root / "config.json").write_text(json.dumps(tiny_values("llama", index["vocab_size"], index["eot_id"])))
+    train(data_dir, "run", model=str(root / "config.json"), max_steps=10)
+    run(EvaluateConfig(data_dir=data_dir, run="run", eval_tokens=1024, **benchmark_files(root)))
     return data_dir
 
 
@@ -139,11 +162,14 @@ def harness_task(folder: Path, harness_yaml: str, name: str, split: str, data: s
         f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n")
 
 
-def test_lm_evaluation_harness_agrees_with_the_evaluate_stage(evaluated: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lm_evaluation_harness_agrees_with_the_evaluate_stage(family: str, request: pytest.FixtureRequest,
+                                                              tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline import zeroshot
 
+    evaluated = request.getfixturevalue({"gpt2": "evaluated", "llama": "llama_evaluated"}[family])
     files = benchmark_files(evaluated.parent)
     harness_task(tmp_path, "hellaswag/hellaswag.yaml", "onecard_hellaswag", "validation", files["hellaswag"])
     harness_task(tmp_path, "lambada/lambada_openai.yaml", "onecard_lambada", "test", files["lambada"])
@@ -165,9 +191,11 @@ def test_lm_evaluation_harness_agrees_with_the_evaluate_stage(evaluated: Path, t
 
     # item by item: the same (context, continuation) requests and the same log-likelihoods
     model, tokenizer = AutoModelForCausalLM.from_pretrained(export), AutoTokenizer.from_pretrained(export)
+    assert type(model).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[family]
     items = zeroshot.hellaswag_items(files["hellaswag"])
     pairs = [(item.query, " " + choice) for item in items for choice in item.choices]
-    scores = zeroshot.loglikelihoods(model, tokenizer, pairs, tokenizer.eos_token_id, 256)
+    prefix = tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id
+    scores = zeroshot.loglikelihoods(model, tokenizer, pairs, prefix, 256)
     samples = sorted((json.loads(line) for line in next((tmp_path / "out").rglob("samples_onecard_hellaswag_*"))
                       .read_text().splitlines()), key=lambda sample: sample["doc_id"])
     harness_pairs = [(a["arg_0"], a["arg_1"]) for sample in samples for a in sample["arguments"].values()]

@@ -1,11 +1,13 @@
-"""The model pieces: chunked loss, activation checkpointing, FLOP counting."""
+"""The model pieces, for every family: chunked loss, activation checkpointing, optimizer groups, FLOP counting."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TINY, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pipeline.families import FAMILIES, decoder_layers
 from pipeline.model import (
     GPT2_GELU,
     TrainingModel,
@@ -13,6 +15,8 @@ from pipeline.model import (
     enable_activation_checkpointing,
     flops_per_token,
     lm_loss,
+    optimizer_groups,
+    preset_model_shape,
 )
 
 
@@ -28,10 +32,10 @@ def loss_and_grads(model: torch.nn.Module, chunk_tokens: int) -> tuple[float, di
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 64, 120, 4096])
-def test_chunked_loss_equals_the_full_loss_and_gradients(chunk_tokens: int) -> None:
-    torch.manual_seed(0)
-    model = build_model("tiny", 300, 0)
+def test_chunked_loss_equals_the_full_loss_and_gradients(family: str, chunk_tokens: int) -> None:
+    model = tiny_model(family, 300, 0)
     full_loss, full_grads = loss_and_grads(model, 0)
     loss, grads = loss_and_grads(model, chunk_tokens)
     assert loss == pytest.approx(full_loss, rel=1e-6)
@@ -39,29 +43,29 @@ def test_chunked_loss_equals_the_full_loss_and_gradients(chunk_tokens: int) -> N
         torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_chunked_loss_never_builds_more_than_a_chunk_of_logits() -> None:
-    torch.manual_seed(0)
-    model = build_model("tiny", 300, 0)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_loss_never_builds_more_than_a_chunk_of_logits(family: str) -> None:
+    model = tiny_model(family, 300, 0)
     rows = []
-    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
     lm_loss(model, *batch(), chunk_tokens=32).backward()
     assert max(rows) == 32 and sum(rows) == 2 * 3 * 40  # every chunk once forward, once recomputed
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("every", [1, 2, 4])
-def test_activation_checkpointing_recomputes_every_kth_block_and_changes_no_gradient(every: int) -> None:
-    torch.manual_seed(0)
-    plain = build_model("tiny", 300, 0).train()
-    torch.manual_seed(0)
-    checkpointed = build_model("tiny", 300, 0).train()
-    checkpointed.activation_checkpointing_enable(every_n_layers=every)
-    calls = [0] * 6
-    for i, block in enumerate(checkpointed.transformer.h):
-        # on a submodule: the block's own hooks stay outside the checkpoint by design
-        block.mlp.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+def test_activation_checkpointing_recomputes_every_kth_layer_and_changes_no_gradient(family: str, every: int) -> None:
+    plain = tiny_model(family, 300, 0).train()
+    checkpointed = tiny_model(family, 300, 0).train()
+    enable_activation_checkpointing(checkpointed, every)
+    layers = decoder_layers(checkpointed)
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        # on a submodule: the layer's own hooks stay outside the checkpoint by design
+        layer.mlp.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
     _, expected = loss_and_grads(plain, 0)
     _, grads = loss_and_grads(checkpointed, 0)
-    assert calls == [2 if i % every == 0 else 1 for i in range(6)]  # checkpointed blocks run again in backward
+    assert calls == [2 if i % every == 0 else 1 for i in range(len(layers))]  # checkpointed ones run again
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
@@ -78,28 +82,33 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# The cheap ops of a layer, each run this many times per layer: GPT-2's two LayerNorms and GELU; RMSNorm's
+# rsqrt (two norms) and SwiGLU's SiLU in the others.
+CHEAP_OPS = {"gpt2": {"native_layer_norm.default": 2, "gelu.default": 1},
+             **{family: {"rsqrt.default": 2, "silu.default": 1} for family in ("llama", "qwen2", "mistral")}}
+MATMULS = ("mm.default", "addmm.default", "bmm.default", "_scaled_dot_product_flash_attention_for_cpu.default")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("selective", [False, True])
-def test_selective_checkpointing_recomputes_only_the_cheap_ops(selective: bool) -> None:
-    torch.manual_seed(0)
-    plain = build_model("tiny", 300, 0).train()
+def test_selective_checkpointing_recomputes_only_the_cheap_ops(family: str, selective: bool) -> None:
+    plain = tiny_model(family, 300, 0).train()
     _, expected = loss_and_grads(plain, 0)
     with OpCounter() as plain_ops:
         lm_loss(plain, *batch()).backward()
-    torch.manual_seed(0)
-    checkpointed = build_model("tiny", 300, 0).train()
+    checkpointed = tiny_model(family, 300, 0).train()
     enable_activation_checkpointing(checkpointed, 1, selective=selective)
     _, grads = loss_and_grads(checkpointed, 0)
     with OpCounter() as ops:
         lm_loss(checkpointed, *batch()).backward()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
-    layers = 6
-    # LayerNorm (2 per block) and GELU (1) run again in the backward pass either way ...
-    assert ops.counts["native_layer_norm.default"] == plain_ops.counts["native_layer_norm.default"] + 2 * layers
-    assert ops.counts["gelu.default"] == plain_ops.counts["gelu.default"] + layers
+    layers = len(decoder_layers(checkpointed))
+    # the norms and the activation run again in the backward pass either way ...
+    for op, per_layer in CHEAP_OPS[family].items():
+        assert ops.counts[op] == plain_ops.counts[op] + per_layer * layers, op
     # ... the matmuls and attention only under full checkpointing
-    matmuls = ("addmm.default", "_scaled_dot_product_flash_attention_for_cpu.default")
-    recomputed = sum(ops.counts[op] - plain_ops.counts[op] for op in matmuls)
+    recomputed = sum(ops.counts.get(op, 0) - plain_ops.counts.get(op, 0) for op in MATMULS)
     assert recomputed == 0 if selective else recomputed >= 4 * layers
 
 
@@ -118,6 +127,19 @@ def test_the_fused_gelu_is_gpt2s_gelu() -> None:
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_weight_decay_on_any_norm_or_bias(family: str) -> None:
+    model = tiny_model(family, 300, 0)
+    decayed, kept = optimizer_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.1 and kept["weight_decay"] == 0.0
+    undecayed = {names[id(p)] for p in kept["params"]}
+    assert undecayed == {n for n in names.values() if "norm" in n or ".ln_" in n or n.endswith(".bias")}
+    assert undecayed and all(p.dim() == 2 for p in decayed["params"])
+    if family == "qwen2":  # its query, key and value projections have biases
+        assert any("q_proj.bias" in n for n in undecayed)
+
+
 def test_training_model_returns_the_loss() -> None:
     torch.manual_seed(0)
     model = build_model("tiny", 300, 0)
@@ -134,3 +156,14 @@ def test_flops_per_token(preset: str, expected: int) -> None:
         model = build_model(preset, 50257, 50256)
     assert flops_per_token(model, 1024) == expected
     assert flops_per_token(model, 1024) == pytest.approx({"gpt2": 0.855e9, "gpt2-xl": 10.28e9}[preset], rel=1e-3)
+
+
+def test_flops_per_token_of_the_other_families() -> None:
+    # SmolLM2-1.7B's shape (the llama-1.7b preset, its 49,152-token vocabulary): tied, no position embeddings
+    smollm2 = preset_model_shape("llama-1.7b", 49152)
+    assert smollm2.parameters == 1_711_376_384
+    assert smollm2.flops_per_token(2048) == 6 * 1_711_376_384 + 12 * 24 * 2048 * 2048
+    # an untied output layer multiplies, the input embedding is a lookup: not counted
+    mistral = tiny_model("mistral", 300, 0)
+    params, width, layers = sum(p.numel() for p in mistral.parameters()), TINY["mistral"]["hidden_size"], 4
+    assert flops_per_token(mistral, 32) == 6 * (params - 300 * width) + 12 * layers * width * 32

@@ -111,8 +111,8 @@ def write_bin_only(folder: Path) -> Path:
     ("missing folder", r"--init-from .*nowhere: no such folder"),
     (".bin only", r"has no model\.safetensors, only pytorch_model\.bin \(pickle, which onecard never loads\)"),
     ("other vocabulary", r"has a vocabulary of 400 tokens, and the shards were made with \d+.*--tokenizer"),
-    ("other merges", r"its tokenizer's vocabulary or merges differ.*python -m pipeline\.tokenize --tokenizer"),
-    ("other shape", r"--preset gpt2, but --init-from .* has the shape of tiny"),
+    ("other merges", r"its tokenizer differs from .* in model\.merges\. .*python -m pipeline\.tokenize --tokenizer"),
+    ("other shape", r"--preset gpt2, but --init-from .* is of the tiny shape"),
 ])
 def test_weights_that_do_not_fit_the_run_are_refused_before_anything_is_written(
         released: tuple[Path, Path], tmp_path: Path, case: str, message: str) -> None:
@@ -148,10 +148,11 @@ def test_a_hub_id_is_found_in_the_local_hub_cache(released: tuple[Path, Path], t
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     env = {**subprocess_env(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    script = ("import json; from pipeline import pretrained; folder = pretrained.locate('someone/tiny-gpt2'); "
-              "model = pretrained.load(folder, 'gelu_pytorch_tanh'); "
+    script = ("import json; from pipeline import pretrained; from transformers import AutoConfig; "
+              "folder = pretrained.locate('someone/tiny-gpt2'); "
+              "model = pretrained.load(folder, AutoConfig.from_pretrained(folder)); "
               "print(json.dumps([str(folder), pretrained.source('someone/tiny-gpt2', folder), "
-              "pretrained.preset_of(pretrained.read_config(folder, 'x'), 'x'), model.config.n_layer]))")
+              "pretrained.preset_of(pretrained.read_config(folder, 'x')), model.config.n_layer]))")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -9,13 +9,15 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from helpers import REPO, english_documents, subprocess_env, write_gpt2_format, write_jsonl
+from helpers import REPO, english_documents, subprocess_env, write_gpt2_format, write_jsonl, write_sentencepiece_style
 
 from pipeline.artifacts import read_manifest
 from pipeline.documents import read_documents
 from pipeline.download import DownloadConfig
 from pipeline.download import run as download
-from pipeline.shard_format import read_token_part
+from pipeline.shard import ShardConfig
+from pipeline.shard import run as shard
+from pipeline.shard_format import load_index, read_shard, read_token_part
 from pipeline.stage import PipelineError
 from pipeline.tokenize import TokenizeConfig, run
 from pipeline.tokenizer import EOT, load_tokenizer
@@ -29,8 +31,8 @@ def raw(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def token_documents(data_dir: Path, corpus: str = "docs") -> list[list[int]]:
-    ids, offsets = read_token_part(data_dir / "tokens" / corpus, "part_00000", 1 << 16)
+def token_documents(data_dir: Path, corpus: str = "docs", vocab_size: int = 1 << 16) -> list[list[int]]:
+    ids, offsets = read_token_part(data_dir / "tokens" / corpus, "part_00000", vocab_size)
     return [ids[a:b].tolist() for a, b in pairwise(offsets)]
 
 
@@ -115,6 +117,28 @@ def test_missing_raw_corpus_names_the_fix(tmp_path: Path) -> None:
         run(TokenizeConfig(data_dir=tmp_path, corpus="nothing"))
 
 
+def test_a_unigram_tokenizer_with_its_own_document_tokens_and_over_65536_of_them(raw: Path) -> None:
+    """A Llama-2/Mistral-style tokenizer.json: each document starts with its <s> and the shards put its </s>
+    between documents; ids above 65,535 are stored as uint32, in the ids and in the shards."""
+    from transformers import AutoTokenizer
+
+    folder = write_sentencepiece_style(raw / "unigram", TEXTS, filler=70_000)
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer=str(folder)))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    params = read_manifest(raw / "tokens" / "docs", "tokenize")["params"]
+    assert (params["eot_id"], params["bos_id"], params["vocab_size"]) == (2, 1, len(tokenizer))
+    assert len(tokenizer) > 70_000
+    documents = token_documents(raw, vocab_size=params["vocab_size"])
+    assert documents == [tokenizer(text)["input_ids"] for text in TEXTS]  # <s> first, as the tokenizer puts it
+    assert all(ids[0] == 1 for ids in documents) and max(max(ids) for ids in documents) > 70_000
+    assert [tokenizer.decode(ids, skip_special_tokens=True) for ids in documents[:60]] == TEXTS[:60]
+    shard(ShardConfig(data_dir=raw, corpus="docs", val_fraction=0.1))
+    index = load_index(raw / "shards" / "docs")
+    header, tokens = read_shard(raw / "shards" / "docs" / index["shards"][0]["file"])
+    assert header.dtype.itemsize == 4 and tokens[:2].tolist() == [2, 1]  # </s> <s> document ...
+    assert index["eot_id"] == 2
+
+
 def test_tokenizer_without_end_of_text_is_refused(raw: Path) -> None:
     from tokenizers import ByteLevelBPETokenizer
 
@@ -122,7 +146,7 @@ def test_tokenizer_without_end_of_text_is_refused(raw: Path) -> None:
     bpe.train_from_iterator(TEXTS, vocab_size=300, show_progress=False)
     (raw / "no-eot").mkdir()
     bpe.save_model(str(raw / "no-eot"))
-    with pytest.raises(PipelineError, match=r"has no <\|endoftext\|> token"):
+    with pytest.raises(PipelineError, match=r"has no end-of-text token \(no eos_token .*, no <\|endoftext\|> in"):
         run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer=str(raw / "no-eot")))
     assert not (raw / "tokens" / "docs").exists()
 

@@ -32,8 +32,12 @@ EOT = 256
 class ByteTokenizer:
     """One token per UTF-8 byte: token ids anyone can write down."""
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))  # it has no special tokens to add
+
+    def decode(self, ids: list[int] | int) -> str:
+        ids = [ids] if isinstance(ids, int) else ids
+        return "".join("<|endoftext|>" if i == EOT else bytes([i]).decode("latin-1") for i in ids)
 
 
 class Bigram(torch.nn.Module):
@@ -182,7 +186,7 @@ def test_sliding_window_context_is_what_the_stride_says() -> None:
 def test_text_scores_report_bits_per_byte(tmp_path: Path) -> None:
     text = tmp_path / "held-out.txt"
     text.write_text("Some held-out text, naïve café.")
-    scores = text_scores(Bigram(), ByteTokenizer(), read_text(text), text, EOT, window=16, stride=8)
+    scores = text_scores(Bigram(), ByteTokenizer(), read_text(text), text, [EOT], window=16, stride=8)
     assert scores["tokens"] == scores["bytes"] == len(text.read_bytes())
     assert scores["bits_per_byte"] == pytest.approx(scores["loss"] / math.log(2))  # one token per byte
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
