@@ -26,7 +26,7 @@ from pipeline import precision as precisions
 from pipeline.dsconfig import CONFIGS, load_ds_config, offload_devices, shipped, shipped_configs
 from pipeline.hardware import GIB, GPUS, lookup_gpu
 from pipeline.memory import gpu_memory_bytes, host_and_disk_bytes
-from pipeline.model import preset_model_shape
+from pipeline.model import PRESETS, preset_model_shape
 from pipeline.stage import PipelineError, stage_main
 
 log = logging.getLogger("onecard")
@@ -42,7 +42,7 @@ UNKNOWN_CARD = precisions.Choice("bf16", "auto: a card not in the table, taken t
 
 @dataclass
 class PlanConfig:
-    preset: str = field(default="gpt2-xl", metadata={"help": "model preset (tiny, gpt2 ... gpt2-xl)"})
+    preset: str = field(default="gpt2-xl", metadata={"help": f"model preset ({', '.join(PRESETS)})"})
     model: str | None = field(default=None, metadata={
         "help": "a model instead of the preset, by its config.json alone: the file, its folder or a hub id "
                 "(Llama, Qwen2, Mistral or GPT-2)"})

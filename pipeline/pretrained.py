@@ -16,6 +16,8 @@ from pipeline.stage import PipelineError
 from pipeline.tokenizer import differences_from
 
 WEIGHTS = "model.safetensors"
+# larger models' weights come in shards, listed by an index (Mistral-7B: model-00001-of-00003.safetensors, ...)
+SHARDED_WEIGHTS = ("model.safetensors.index.json", "model-*-of-*.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
 
@@ -31,7 +33,8 @@ def locate(spec: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(spec, allow_patterns=["config.json", WEIGHTS, *TOKENIZER_FILES]))
+        return Path(snapshot_download(spec, allow_patterns=["config.json", WEIGHTS, *SHARDED_WEIGHTS,
+                                                            *TOKENIZER_FILES]))
     except Exception as error:  # the hub client raises many kinds for "not reachable" and "no such repo"
         raise PipelineError(
             f"--init-from {spec}: cannot get it from the Hugging Face hub or its local cache ({error}). Check the "
@@ -44,10 +47,10 @@ def read_config(folder: Path, spec: str) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
         raise PipelineError(f"--init-from {spec}: {folder} has no config.json, so it is not a Hugging Face model "
                             "folder. Give the folder that `save_pretrained` (or onecard's evaluate export) wrote.")
-    if not (folder / WEIGHTS).is_file():
+    if not weight_files(folder):
         pickled = sorted(p.name for p in folder.glob("*.bin"))
         raise PipelineError(
-            f"--init-from {spec}: {folder} has no {WEIGHTS}"
+            f"--init-from {spec}: {folder} has no {WEIGHTS} (nor sharded safetensors with their index)"
             + (f", only {', '.join(pickled)} (pickle, which onecard never loads)" if pickled else "")
             + ". Convert it once with transformers: `AutoModelForCausalLM.from_pretrained(folder)"
               ".save_pretrained(folder, safe_serialization=True)` in a session you trust."
@@ -82,11 +85,24 @@ def check_tokenizer(folder: Path, spec: str, config: dict[str, Any], shards_toke
                                 f"({shards_tokenizer}) in {', '.join(differences)}. {fix}")
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder: model.safetensors, or the shards its index lists."""
+    if (folder / WEIGHTS).is_file():
+        return [folder / WEIGHTS]
+    index = folder / SHARDED_WEIGHTS[0]
+    if not index.is_file():
+        return []
+    return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+
+
 def source(spec: str, folder: Path) -> dict[str, Any]:
-    """Where the weights came from, for the run's identity: the hub revision, or the weights file's sha256."""
+    """Where the weights came from, for the run's identity: the hub revision, or the weights files' sha256."""
     if "snapshots" in folder.parts:  # the hub cache: snapshots/<commit>/
         return {"init_from": spec, "revision": folder.name}
-    return {"init_from": spec, "sha256": sha256_file(folder / WEIGHTS)}
+    files = weight_files(folder)
+    if len(files) == 1:
+        return {"init_from": spec, "sha256": sha256_file(files[0])}
+    return {"init_from": spec, "sha256": {path.name: sha256_file(path) for path in files}}
 
 
 def load(folder: Path, config: Any) -> Any:

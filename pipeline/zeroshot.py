@@ -3,7 +3,9 @@
 Every score is a sum of next-token log-likelihoods of a continuation given a context, computed the way the
 harness does for a Hugging Face causal LM (`HFLM.loglikelihood`):
 - trailing spaces of the context move to the front of the continuation; the context and the whole string are
-  tokenized separately (no special tokens) and the continuation is what the whole has beyond the context;
+  tokenized separately, with the tokenizer's own special tokens as the harness (0.4.13) does (none for GPT-2; a
+  Llama's <s> first), and the continuation is what the whole has beyond the context; an empty context is the
+  harness's prefix token (the beginning-of-text token where the tokenizer has one, else end-of-text);
 - context + continuation is cut from the left to the model's context length + 1, the last token dropped;
 - the log-likelihood is the sum over the continuation's tokens, "greedy" when each is the argmax.
 

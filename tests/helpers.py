@@ -95,6 +95,36 @@ def subprocess_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
+def plain_adamw(model, batches, steps: int, accum: int, lr: float, warmup_steps: int) -> list[float]:
+    """The trainer's recipe in plain PyTorch from `model` as it is: torch.optim.AdamW with the shipped configs'
+    hyper-parameters, the trainer's schedule, gradient clipping at 1 — no DeepSpeed, no offload. The losses of
+    each step; the model is trained in place."""
+    import torch
+
+    from pipeline.dsconfig import load_ds_config
+    from pipeline.model import lm_loss, optimizer_groups
+    from pipeline.train import TrainConfig, lr_schedule
+
+    adam = load_ds_config(REPO / "ds_configs" / "zero2_offload.json")["optimizer"]["params"]
+    optimizer = torch.optim.AdamW(optimizer_groups(model, adam["weight_decay"]), lr=lr, betas=adam["betas"],
+                                  eps=adam["eps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_schedule(TrainConfig(max_steps=steps, warmup_steps=warmup_steps)))
+    losses = []
+    for step in range(steps):
+        total = 0.0
+        for micro_step in range(accum):
+            loss = lm_loss(model, *batches.get(step, micro_step, 0))
+            (loss / accum).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(total / accum)
+    return losses
+
+
 def write_gpt2_format(folder: Path, texts: list[str], vocab_size: int) -> Path:
     """A byte-level BPE trained on `texts`, written as OpenAI released GPT-2's: vocab.json + merges.txt, the 256
     bytes first in GPT-2's order, then one token per merge in merge order, then <|endoftext|> as the last id.

@@ -12,19 +12,26 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, english_documents, prepare, tiny_values, write_jsonl, write_sentencepiece_style
+from helpers import (
+    REPO,
+    english_documents,
+    plain_adamw,
+    prepare,
+    tiny_values,
+    write_jsonl,
+    write_sentencepiece_style,
+)
 
 from pipeline.checkpoint import load_weights
 from pipeline.data import TokenSequences, TrainBatches
-from pipeline.dsconfig import load_ds_config
 from pipeline.evaluate import EvaluateConfig
 from pipeline.evaluate import run as evaluate_run
 from pipeline.families import config_from, for_training
 from pipeline.metrics import read_metrics
-from pipeline.model import FUSED_GELU, build, lm_loss, optimizer_groups
+from pipeline.model import FUSED_GELU, build
 from pipeline.shard_format import load_index
 from pipeline.stage import PipelineError
-from pipeline.train import TrainConfig, lr_schedule
+from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
 
 pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
@@ -58,28 +65,6 @@ def batches(data_dir: Path, family: str) -> TrainBatches:
     return TrainBatches(TokenSequences(shards, load_index(shards), "train", SEQ_LEN), 1337, 2, ACCUM, 1)
 
 
-def plain_adamw(model: torch.nn.Module, data_dir: Path, family: str) -> list[float]:
-    """The run's recipe in plain PyTorch: torch.optim.AdamW, no DeepSpeed, no offload."""
-    adam = load_ds_config(REPO / "ds_configs" / "zero2_offload.json")["optimizer"]["params"]
-    optimizer = torch.optim.AdamW(optimizer_groups(model, adam["weight_decay"]), lr=2e-3, betas=adam["betas"],
-                                  eps=adam["eps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(TrainConfig(max_steps=STEPS,
-                                                                                     warmup_steps=2)))
-    data, losses = batches(data_dir, family), []
-    for step in range(STEPS):
-        total = 0.0
-        for micro_step in range(ACCUM):
-            loss = lm_loss(model, *data.get(step, micro_step, 0))
-            (loss / ACCUM).backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        losses.append(total / ACCUM)
-    return losses
-
-
 def train(data_dir: Path, family: str, config: str, run: str, **options) -> list[dict]:
     train_run(TrainConfig(data_dir=data_dir, corpus=CORPUS[family], deepspeed=str(REPO / "ds_configs" / config),
                           run=run, **{**SETTINGS, **options}))
@@ -94,7 +79,7 @@ def test_each_family_trains_as_plain_adamw_resumes_exactly_and_starts_from_saved
     straight = train(data, family, "zero2_offload.json", f"{family}-straight", model=str(config_json))
     torch.manual_seed(1337)  # the run's seed, then the model: the trainer's order
     model = build(for_training(config_from(json.loads(config_json.read_text()), family), 0.0, FUSED_GELU))
-    expected = plain_adamw(model, data, family)
+    expected = plain_adamw(model, batches(data, family), STEPS, ACCUM, lr=2e-3, warmup_steps=2)
     assert [m["loss"] for m in straight] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     _, weights = load_weights(data / "checkpoints" / f"{family}-straight")
     expected_weights = model.state_dict()
@@ -115,7 +100,8 @@ def test_each_family_trains_as_plain_adamw_resumes_exactly_and_starts_from_saved
     # from the trained weights as save_pretrained writes them, with the shards' tokenizer beside them, under
     # ZeRO-3 with CPU offload: step 1's loss is transformers' own forward on that batch
     saved = tmp_path / "saved"
-    model.save_pretrained(saved, safe_serialization=True)
+    # Mistral's in shards with an index, as larger models are released (Mistral-7B's three)
+    model.save_pretrained(saved, safe_serialization=True, max_shard_size="1MB" if family == "mistral" else "5GB")
     tokenizer = data / "tokenizer" / load_index(data / "shards" / CORPUS[family])["tokenizer"]["name"]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer / name, saved / name)
@@ -133,6 +119,9 @@ def test_each_family_trains_as_plain_adamw_resumes_exactly_and_starts_from_saved
                for inputs, targets in (batches(data, family).get(0, micro_step, 0) for micro_step in range(ACCUM))]
     assert tuned[0]["loss"] == pytest.approx(sum(own) / ACCUM, rel=1e-5)
     assert tuned[1]["loss"] < tuned[0]["loss"]
+    weights_digest = json.loads((data / "checkpoints" / f"{family}-tuned" / "run.json").read_text())[
+        "identity"]["init"]["sha256"]
+    assert len(weights_digest) > 1 if family == "mistral" else len(weights_digest) == 64  # each shard's digest
 
 
 def test_a_llama_from_its_config_through_make_train_then_evaluated_and_exported(data: Path, tmp_path: Path) -> None:
@@ -152,3 +141,21 @@ def test_a_llama_from_its_config_through_make_train_then_evaluated_and_exported(
     model, tokenizer = AutoModelForCausalLM.from_pretrained(export), AutoTokenizer.from_pretrained(export)
     assert type(model).__name__ == "LlamaForCausalLM" and tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
     assert sys.modules["pipeline.train"].model_name(TrainConfig(model=str(config_json))) == "tiny-llama"
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("small vocabulary", r"has a vocabulary of 100 tokens and the shards' tokenizer \d+: the model cannot take"),
+    ("not a family", r"model_type 'bert' is not a family onecard trains; it takes gpt2, llama, qwen2, mistral"),
+    ("with a preset", r"--model .* with --preset: give one of --preset, --model .* and --init-from"),
+])
+def test_a_config_the_run_cannot_use_is_refused_before_anything_is_written(data: Path, tmp_path: Path, case: str,
+                                                                          message: str) -> None:
+    values = tiny_values("llama", 100 if case == "small vocabulary" else 400, 2)
+    if case == "not a family":
+        values["model_type"] = "bert"
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    with pytest.raises(PipelineError, match=message):
+        train(data, "llama", "zero2_offload.json", "refused", model=str(tmp_path / "config.json"),
+              preset="llama-tiny" if case == "with a preset" else None)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before

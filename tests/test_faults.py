@@ -173,7 +173,7 @@ def test_each_checkpoint_has_its_own_manifest_and_the_run_manifest_lists_no_chec
     train(data_copy, "manifests", max_steps=4, checkpoint_every=2, keep_checkpoints=1)
     ckpt_dir = data_copy / "checkpoints" / "manifests"
     run_files = {f["path"] for f in json.loads((ckpt_dir / "manifest.json").read_text())["files"]}
-    assert run_files == {"run.json", "ds_config.json"}  # nothing a later save or prune changes
+    assert run_files == {"run.json", "config.json", "ds_config.json"}  # nothing a later save or prune changes
     assert [p.name for p in ckpt_dir.glob("step_*")] == ["step_00000004"]  # step 2 pruned after 4 became latest
     manifest = json.loads((ckpt_dir / "step_00000004" / "manifest.json").read_text())
     assert manifest["stage"] == "checkpoint" and manifest["counts"]["step"] == 4

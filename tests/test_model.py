@@ -12,9 +12,12 @@ from pipeline.model import (
     GPT2_GELU,
     TrainingModel,
     build_model,
+    compile_layers,
+    default_seq_len,
     enable_activation_checkpointing,
     flops_per_token,
     lm_loss,
+    model_config,
     optimizer_groups,
     preset_model_shape,
 )
@@ -167,3 +170,19 @@ def test_flops_per_token_of_the_other_families() -> None:
     mistral = tiny_model("mistral", 300, 0)
     params, width, layers = sum(p.numel() for p in mistral.parameters()), TINY["mistral"]["hidden_size"], 4
     assert flops_per_token(mistral, 32) == 6 * (params - 300 * width) + 12 * layers * width * 32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_wraps_each_decoder_layer(family: str) -> None:
+    model = tiny_model(family, 300, 0)
+    compile_layers(model)  # compiled lazily, at the first call: here only which modules are wrapped
+    compiled = {name for name, module in model.named_modules() if module._compiled_call_impl is not None}
+    assert compiled == {name for name, module in model.named_modules() if module in set(decoder_layers(model))}
+    assert len(compiled) == len(decoder_layers(model)) == TINY[family].get("n_layer", TINY[family].get(
+        "num_hidden_layers"))
+
+
+def test_the_default_sequence_length_is_the_context_up_to_2048() -> None:
+    assert default_seq_len(model_config("gpt2-xl", 50257, 50256)) == 1024
+    assert default_seq_len(model_config("tiny", 300, 0)) == 256
+    assert default_seq_len(model_config("llama-1.7b", 49152, 0)) == 2048  # not SmolLM2's 8192

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, deepspeed_launcher, english_documents, prepare, subprocess_env, write_jsonl
+from helpers import REPO, deepspeed_launcher, english_documents, plain_adamw, prepare, subprocess_env, write_jsonl
 
 from pipeline.checkpoint import latest_tag, load_weights
 from pipeline.data import TokenSequences, TrainBatches
 from pipeline.dsconfig import load_ds_config
 from pipeline.metrics import read_metrics
-from pipeline.model import build_model, lm_loss, optimizer_groups
+from pipeline.model import build_model
 from pipeline.shard_format import load_index
 from pipeline.stage import PipelineError
-from pipeline.train import TrainConfig, lr_schedule
+from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
 
 pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
@@ -88,25 +88,9 @@ def reference_losses(data_dir: Path, steps: int, micro: int, accum: int) -> tupl
     shards_dir = data_dir / "shards" / "builtin"
     index = load_index(shards_dir)
     batches = TrainBatches(TokenSequences(shards_dir, index, "train", SEQ_LEN), 1337, micro, accum, 1)
-    adam = load_ds_config(REPO / "ds_configs" / "zero2_offload.json")["optimizer"]["params"]
     torch.manual_seed(1337)
     model = build_model("tiny", index["vocab_size"], index["eot_id"])
-    optimizer = torch.optim.AdamW(optimizer_groups(model, adam["weight_decay"]), lr=2e-3, betas=adam["betas"],
-                                  eps=adam["eps"])
-    schedule = lr_schedule(TrainConfig(max_steps=steps, warmup_steps=2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    result = []
-    for step in range(steps):
-        total = 0.0
-        for micro_step in range(accum):
-            loss = lm_loss(model, *batches.get(step, micro_step, 0))
-            (loss / accum).backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        result.append(total / accum)
+    result = plain_adamw(model, batches, steps, accum, lr=2e-3, warmup_steps=2)
     return result, model.state_dict()
 
 
