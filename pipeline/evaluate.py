@@ -32,7 +32,7 @@ from pipeline.model import LOSS_CHUNK_TOKENS, build, lm_loss, model_config
 from pipeline.report import markdown, plot_loss, read_curves
 from pipeline.shard_format import load_index
 from pipeline.stage import DataDir, PipelineError, StageConfig, stage_main
-from pipeline.tokenizer import load_tokenizer, tokenizer_info
+from pipeline.tokenizer import differences_from, load_tokenizer, tokenizer_info
 
 log = logging.getLogger("onecard")
 
@@ -235,12 +235,23 @@ def run(config: EvaluateConfig) -> Path:
                 f"{val_loss:.6f}: the export is not faithful. Please report this as a bug."
             )
         export_out.counts = {"parameters": sum(p.numel() for p in exported.parameters())}
+        # transformers gives some families their own tokenizer class whatever the folder's tokenizer is (a qwen2
+        # config.json gets Qwen2Tokenizer, with Qwen's pre-tokenizer and normalizer): say so when that is not the
+        # run's tokenizer, and how to load the export's as it is
+        tokenizer_differences = differences_from(str(export_dir), tokenizer_dir)
+        if tokenizer_differences:
+            log.warning("evaluate: AutoTokenizer.from_pretrained(%s) gives another tokenizer than the run's (it "
+                        "differs in %s): transformers loads any tokenizer beside a %s config.json as that family's "
+                        "own. Load the export's tokenizer with transformers.PreTrainedTokenizerFast.from_pretrained"
+                        "(folder), which takes its tokenizer.json as it is.", export_out.final,
+                        ", ".join(tokenizer_differences), built.model_type)
 
     report = {
         "run": name, "checkpoint": tag, "step": step_info["step"], "tokens_seen": step_info["tokens_seen"],
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
         "start": start, "start_val_loss": start_loss, "start_val_perplexity": math.exp(start_loss),
-        "export_val_loss": export_loss, "eval_tokens": scored_tokens, "samples": samples,
+        "export_val_loss": export_loss, "export_tokenizer_differences": tokenizer_differences,
+        "eval_tokens": scored_tokens, "samples": samples,
         "export_dir": str(export_out.final), "tokenizer": saved["tokenizer"], "shards": identity["shards"],
         "tokenizer_sha256": sha256_file(tokenizer_dir / "tokenizer.json"),
         "preset": identity["preset"], "family": built.model_type, "seq_len": identity["seq_len"],

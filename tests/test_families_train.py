@@ -119,6 +119,14 @@ def test_each_family_trains_as_plain_adamw_resumes_exactly_and_starts_from_saved
                for inputs, targets in (batches(data, family).get(0, micro_step, 0) for micro_step in range(ACCUM))]
     assert tuned[0]["loss"] == pytest.approx(sum(own) / ACCUM, rel=1e-5)
     assert tuned[1]["loss"] < tuned[0]["loss"]
+    # evaluated and exported like any run: the export reloads and gives the same loss; its tokenizer, as
+    # AutoTokenizer loads it, is the run's — except beside a qwen2 config.json, which transformers gives its own
+    # tokenizer class whatever the folder holds: the report says so
+    evaluate_run(EvaluateConfig(data_dir=data, run=f"{family}-tuned", eval_tokens=1024))
+    report = json.loads((data / "eval" / f"{family}-tuned" / "report.json").read_text())
+    assert report["family"] == family and report["export_val_loss"] == pytest.approx(report["val_loss"], rel=1e-6)
+    assert report["start_val_loss"] == pytest.approx(tuned[0]["loss"], rel=0.05)  # the saved weights' own
+    assert bool(report["export_tokenizer_differences"]) == (family == "qwen2")
     weights_digest = json.loads((data / "checkpoints" / f"{family}-tuned" / "run.json").read_text())[
         "identity"]["init"]["sha256"]
     assert len(weights_digest) > 1 if family == "mistral" else len(weights_digest) == 64  # each shard's digest
