@@ -232,3 +232,46 @@ def test_both_encoders_give_the_same_ids(raw: Path, tmp_path: Path, monkeypatch:
     run(TokenizeConfig(data_dir=tmp_path / "other", corpus="docs", tokenizer=tokenizer))
     assert read_manifest(tmp_path / "other" / "tokens" / "docs", "tokenize")["encoder"] == "tokenizers"
     assert token_documents(raw) == token_documents(tmp_path / "other")
+
+
+@pytest.mark.slow
+def test_the_encoder_processes_end_with_a_killed_tokenize(tmp_path: Path) -> None:
+    """kill -9 leaves tokenize no moment to stop its pool: its encoder processes notice and exit, not orphans."""
+    import signal
+    import time
+
+    import psutil
+
+    texts = english_documents(20_000, 60, seed=4)  # ~7 MB: seconds of encoding on two processes
+    download(DownloadConfig(data_dir=tmp_path, source=str(write_jsonl(tmp_path / "big.jsonl", texts))))
+    run(TokenizeConfig(data_dir=tmp_path, corpus="big", tokenizer="bpe:300", max_tokens=1))  # the tokenizer, once
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.tokenize", "--corpus", "big", "--tokenizer",
+                                "bpe:300", "--force"], cwd=REPO, env=subprocess_env(tmp_path),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[psutil.Process] = []
+    deadline = time.monotonic() + 60
+    while len(workers) < 2 and time.monotonic() < deadline and process.poll() is None:
+        workers = [child for child in psutil.Process(process.pid).children()
+                   if "spawn_main" in " ".join(child.cmdline())]
+        time.sleep(0.02)
+    assert len(workers) >= 2, "tokenize started no encoder processes"
+    while not list(tmp_path.glob("tokens/.big.partial/part_*")) and process.poll() is None:
+        time.sleep(0.02)  # killed while the encoders are busy
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 10
+    while (alive := [w for w in workers if _running(w)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for worker in alive:
+        worker.kill()
+    assert not alive, f"{len(alive)} encoder processes outlived the killed tokenize"
+
+
+def _running(process) -> bool:
+    """Whether a process is still running (an exited one nobody has reaped yet is a zombie, not running)."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
