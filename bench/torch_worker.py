@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 from common import BenchConfig, StepLog, train_batches, write_result
 
+from pipeline.families import decoder_layers
 from pipeline.hardware import cap_gpu_memory
 from pipeline.model import LOSS_CHUNK_TOKENS, TrainingModel, build_model
 from pipeline.stage import parse_config
@@ -42,8 +43,8 @@ def build(config: BenchConfig, vocab_size: int, eot_id: int, device: torch.devic
         options["offload_policy"] = CPUOffloadPolicy()
     else:
         config.config = "fsdp2 (no CPU offload: CPUOffloadPolicy needs a GPU)"
-    for block in model.lm.transformer.h:
-        fully_shard(block, **options)
+    for layer in decoder_layers(model.lm):
+        fully_shard(layer, **options)
     fully_shard(model, **options)  # the root: TrainingModel, so every forward goes through its hooks
     return model
 
