@@ -74,12 +74,12 @@ def shape_of(config: Any, parameters: int | None = None) -> Shape:
     tied = bool(config.tie_word_embeddings)
     if config.model_type == "gpt2":
         return Shape("gpt2", config.n_layer, config.n_embd, config.n_embd, config.n_inner or 4 * config.n_embd,
-                     False, config.vocab_size, config.n_positions, config.n_positions * config.n_embd, tied,
+                     False, config.vocab_size, context_of(config), config.n_positions * config.n_embd, tied,
                      parameters)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return Shape(config.model_type, config.num_hidden_layers, config.hidden_size,
                  config.num_key_value_heads * head_dim, config.intermediate_size, True, config.vocab_size,
-                 config.max_position_embeddings, 0, tied, parameters)
+                 context_of(config), 0, tied, parameters)
 
 
 def for_training(config: Any, dropout: float, gelu: str) -> Any:

@@ -62,7 +62,6 @@ from pipeline.model import (
     compile_layers,
     default_seq_len,
     enable_activation_checkpointing,
-    flops_per_token,
     model_config,
     optimizer_groups,
     parameter_count,
@@ -522,7 +521,7 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
                                         config.activation_offload)
     if config.compile:
         compile_layers(model)
-    n_params, flops = parameter_count(model), flops_per_token(model, session.seq_len)
+    n_params, flops = parameter_count(model), session.shape.flops_per_token(session.seq_len)
     disk = checkpoint.disk_needs(session.ckpt_dir, n_params, ds, nvme_too=True)
     _check_disk(disk if config.checkpoint_every else [need for need in disk if need.what != checkpoint.NEXT])
     clock.lap("model")
