@@ -127,5 +127,7 @@ plan: $(INSTALLED)
 tensorboard: $(INSTALLED)
 	$(VENV)/bin/tensorboard --logdir $(DATA)/runs --host 127.0.0.1 --port $(PORT)
 
-clean-run:
-	rm -rf $(DATA)/checkpoints/$(RUN) $(DATA)/runs/$(RUN) $(DATA)/eval/$(RUN) $(DATA)/export/$(RUN) $(DATA)/nvme/$(RUN)
+# The run's NVMe swap goes first, wherever its --nvme-path put it (its merged config says where).
+clean-run: $(INSTALLED)
+	$(PY) -c 'import sys; from pipeline.nvme import remove_run_swap; remove_run_swap(sys.argv[1])' '$(DATA)/checkpoints/$(RUN)'
+	rm -rf $(DATA)/checkpoints/$(RUN) $(DATA)/runs/$(RUN) $(DATA)/eval/$(RUN) $(DATA)/export/$(RUN)

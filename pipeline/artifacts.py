@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.stage import PipelineError
 
@@ -95,15 +95,39 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def require_free_space(path: Path, needed: float, what: str, fix: str = "") -> None:
-    """A clear error, before anything is written, when the filesystem of `path` has less than `needed` bytes."""
+class DiskNeed(NamedTuple):
+    folder: Path
+    bytes: float
+    what: str
+
+
+def _existing(path: Path) -> Path:
     probe = Path(path).absolute()
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
+    return probe
+
+
+def require_free_space(path: Path, needed: float, what: str, fix: str = "") -> None:
+    """A clear error, before anything is written, when the filesystem of `path` has less than `needed` bytes."""
+    require_disk([DiskNeed(Path(path), needed, what)], fix)
+
+
+def require_disk(needs: list[DiskNeed], fix: str = "") -> None:
+    """A clear error, before anything is written, when the needs that share a filesystem add up to more than it has
+    free: each filesystem is checked for the sum of its needs, and the message names every one of them."""
+    by_filesystem: dict[int, list[DiskNeed]] = {}
+    for need in needs:
+        by_filesystem.setdefault(os.stat(_existing(need.folder)).st_dev, []).append(need)
+    for shared in by_filesystem.values():
+        free = shutil.disk_usage(_existing(shared[0].folder)).free
+        needed = sum(need.bytes for need in shared)
+        if free >= needed:
+            continue
+        what = " and ".join(f"{need.what} needs about {human_bytes(need.bytes)} in {need.folder}" for need in shared)
+        total = f" ({human_bytes(needed)} in all, on one filesystem)" if len(shared) > 1 else ""
         raise PipelineError(
-            f"{what} needs about {human_bytes(needed)} in {path}, but its filesystem has {human_bytes(free)} free. "
+            f"{what}{total}, but {'that' if len(shared) > 1 else 'its'} filesystem has {human_bytes(free)} free. "
             f"Free some space or point --data-dir at a bigger disk{', ' + fix if fix else ''}; nothing has been "
             "changed."
         )

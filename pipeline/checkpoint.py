@@ -15,19 +15,31 @@ master weights gathered from every rank's partition (and from NVMe) with DeepSpe
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from pipeline.artifacts import read_manifest, sha256_json, verify_files, write_manifest, write_text_atomic
+from pipeline.artifacts import (
+    DiskNeed,
+    read_manifest,
+    sha256_json,
+    verify_files,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 from pipeline.stage import PipelineError
 
 log = logging.getLogger("onecard")
@@ -109,48 +121,19 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in Path(ckpt_dir).glob(f"{TAG_PREFIX}*") if p.is_dir())
 
 
-class DiskNeed(NamedTuple):
-    folder: Path
-    bytes: float
-    what: str
+def next_checkpoint_need(ckpt_dir: Path, n_params: int, ds: dict[str, Any]) -> DiskNeed:
+    """The next checkpoint: as big as the latest one, or for the first 16 bytes per parameter (the fp32 weights
+    for evaluate, the fp32 master copy and two Adam moments, in DeepSpeed's files or its copy of the NVMe swap)
+    plus the 16-bit or fp32 model weights DeepSpeed saves under ZeRO-1/2."""
+    from pipeline.nvme import element_bytes
 
-
-NEXT = "the next checkpoint"
-
-
-def disk_needs(ckpt_dir: Path, n_params: int, ds: dict[str, Any], nvme_too: bool) -> list[DiskNeed]:
-    """What the run is about to write: the next checkpoint (as big as the latest one, or 20 bytes per parameter
-    for the first: fp32 weights, fp32 master copy and two Adam moments, plus the model's own states; 12 more
-    when the optimizer lives on NVMe, whose swap files the checkpoint copies) and, with `nvme_too`, DeepSpeed's
-    NVMe swap (`nvme_swap_needs`)."""
-    from pipeline.dsconfig import offload_devices
-
-    optimizer_device = offload_devices(ds)[1]
     tag = latest_tag(ckpt_dir) if Path(ckpt_dir).is_dir() else None
     if tag:
         checkpoint_bytes = sum(p.stat().st_size for p in (Path(ckpt_dir) / tag).rglob("*") if p.is_file())
     else:
-        checkpoint_bytes = n_params * (20 + (12 if optimizer_device == "nvme" else 0))
-    needs = [DiskNeed(Path(ckpt_dir), checkpoint_bytes * 1.05, NEXT)]
-    return needs + nvme_swap_needs(n_params, ds) if nvme_too else needs
-
-
-def nvme_swap_needs(n_params: float, ds: dict[str, Any]) -> list[DiskNeed]:
-    """DeepSpeed's NVMe swap: 12 bytes per parameter for the optimizer, 2 or 4 for the parameters, 20% over for
-    its alignment and buffers; empty without NVMe offload."""
-    from pipeline.dsconfig import offload_devices
-    from pipeline.precision import precision_of
-
-    params_device, optimizer_device = offload_devices(ds)
-    zero, needs = ds["zero_optimization"], []
-    if optimizer_device == "nvme":
-        needs.append(DiskNeed(Path(zero["offload_optimizer"]["nvme_path"]), 1.2 * 12 * n_params,
-                              "the NVMe optimizer swap"))
-    if params_device == "nvme":
-        width = 4 if precision_of(ds) == "fp32" else 2
-        needs.append(DiskNeed(Path(zero["offload_param"]["nvme_path"]), 1.2 * width * n_params,
-                              "the NVMe parameter swap"))
-    return needs
+        module = element_bytes(ds) if ds["zero_optimization"]["stage"] < 3 else 0
+        checkpoint_bytes = n_params * (16 + module)
+    return DiskNeed(Path(ckpt_dir), checkpoint_bytes * 1.05, "the next checkpoint")
 
 
 def save(engine: Any, model: torch.nn.Module, ckpt_dir: Path, step: int, client_state: dict[str, Any],
@@ -168,11 +151,10 @@ def save(engine: Any, model: torch.nn.Module, ckpt_dir: Path, step: int, client_
         if dist.get_rank() == 0:
             shutil.rmtree(folder)  # half-written by a run that crashed while saving; `latest` never pointed here
         dist.barrier()
-    weights = gather_fp32_weights(model)  # a collective: every rank takes part
     try:
         if dist.get_rank() == 0:
             folder.mkdir(parents=True)
-            save_file(weights, str(folder / WEIGHTS))
+        write_fp32_weights(model, folder / WEIGHTS)  # a collective: every rank takes part
         dist.barrier()
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         _fsync_files(folder)  # each rank its own files (on a shared filesystem some twice: harmless)
@@ -272,8 +254,10 @@ def _restore_nvme_optimizer_state(engine: Any, ckpt_dir: Path, tag: str) -> None
     the swapped sub-groups: in a new process the swapper does not know the Adam moment files yet, so the
     first step starts them from zero with step count 0; and the sub-groups too small to swap (under 1 MiB,
     e.g. every bias and LayerNorm gain of GPT-2 small) keep their initial values altogether. Everything is
-    in the checkpoint (the ZeRO file and the swap files); put it back before the first step, after which
-    the swapper adopts the restored moments. Checked by
+    in the checkpoint (the ZeRO file and the swap files): the small sub-groups are put back now, and each swapped
+    sub-group's moments just after DeepSpeed swaps it in for its first step, which then adopts and swaps them out —
+    so one sub-group's moments are in memory at a time, never the model's (12 bytes per parameter: 18.7 GB for
+    GPT-2 XL, which killed its resume on a 24 GB machine). Checked by
     tests/test_train.py::test_resume_is_exact_with_nvme_offload_in_new_processes.
     """
     from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
@@ -285,18 +269,34 @@ def _restore_nvme_optimizer_state(engine: Any, ckpt_dir: Path, tag: str) -> None
     subgroups = range(len(zero.fp32_partitioned_groups_flat))
     # The inner optimizer's state is numbered as its param groups list the flat sub-groups.
     order = sorted(subgroups, key=lambda i: (zero.sub_group_to_group_id[i], i))
+    pending = {}
     for i in subgroups:
         flat = zero.fp32_partitioned_groups_flat[i]
         state = saved[OPTIMIZER_STATE_DICT]["state"][order.index(i)]
         if zero._swappable_optimizer_subgroup(i):
-            numel = int(zero.fp16_partitioned_groups_flat_numel[i])
-            zero.optimizer.state[flat] = {
-                name: _read_swap_file(swap_files / f"{name}-{flat.ds_id}.tensor.swp", numel)
-                if torch.is_tensor(value) else value for name, value in state.items()}
+            # the step count now (CPU Adam's bias correction is replayed from it); the moments when swapped in
+            zero.optimizer.state[flat] = {name: value for name, value in state.items() if not torch.is_tensor(value)}
+            pending[i] = [name for name, value in state.items() if torch.is_tensor(value)]
         else:
             flat.data.copy_(saved[FP32_FLAT_GROUPS][i])
             zero.optimizer.state[flat] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
             zero._reassign_or_swap_out_partitioned_parameters(i)
+    if not pending:
+        return
+    swap_in = zero._optimizer_states_and_gradient_swap_in
+
+    def swap_in_restoring(sub_group_id: int, *args: Any, **kwargs: Any) -> None:
+        swap_in(sub_group_id, *args, **kwargs)
+        if sub_group_id in pending:
+            flat = zero.fp32_partitioned_groups_flat[sub_group_id]
+            numel = int(zero.fp16_partitioned_groups_flat_numel[sub_group_id])
+            for name in pending.pop(sub_group_id):
+                path = swap_files / f"{name}-{flat.ds_id}.tensor.swp"
+                zero.optimizer.state[flat][name] = _read_swap_file(path, numel)
+        if not pending:
+            del zero._optimizer_states_and_gradient_swap_in  # DeepSpeed's own method again
+
+    zero._optimizer_states_and_gradient_swap_in = swap_in_restoring
 
 
 def _replay_cpu_adam_bias_correction(engine: Any, steps: int) -> None:
@@ -329,6 +329,12 @@ def _read_swap_file(path: Path, numel: int) -> torch.Tensor:
     return torch.from_numpy(np.fromfile(path, dtype=np.float32, count=numel))
 
 
+def update_run_file(ckpt_dir: Path, **entries: Any) -> None:
+    """Add (or replace) top-level entries of the run's run.json."""
+    path = Path(ckpt_dir) / RUN_FILE
+    write_json_atomic(path, {**json.loads(path.read_text()), **entries})
+
+
 def write_run_manifest(ckpt_dir: Path, identity: dict[str, Any], inputs: dict[str, Any],
                        counts: dict[str, Any], started: float) -> None:
     """The train stage's manifest: run identity, input shards, progress, and the run's own files (each
@@ -339,18 +345,63 @@ def write_run_manifest(ckpt_dir: Path, identity: dict[str, Any], inputs: dict[st
                    only=own)
 
 
-def gather_fp32_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full fp32 master weights of a model DeepSpeed trains, on rank 0 (an empty dict elsewhere).
-    Tied weights appear once."""
+def write_fp32_weights(model: torch.nn.Module, path: Path) -> None:
+    """Write the full fp32 master weights of a model DeepSpeed trains as a safetensors file, on rank 0, one tensor
+    at a time: the host holds one whole tensor at most, never the model (GPT-2 XL's 6.2 GB, which a 32 GB desktop
+    may not have to spare at a save). Every rank takes part (each tensor is gathered from all their partitions);
+    tied weights appear once. A failed write is raised on rank 0 after the last gather, so that no rank is left
+    waiting in one."""
+    from deepspeed import comm as dist
+
+    params = list(model.named_parameters())
+    header, offset = {}, 0
+    for name, param in params:
+        shape = list(getattr(param, "ds_shape", param.shape))
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
+    failure = None
+    with open(path, "wb") if dist.get_rank() == 0 else nullcontext() as file:
+        try:
+            if file is not None:
+                file.write(len(text).to_bytes(8, "little") + text)
+        except OSError as error:
+            failure = error
+        for name, value in _fp32_values(params):
+            if file is None or failure is not None:
+                continue
+            try:
+                file.write(value.detach().to("cpu", torch.float32).contiguous().numpy().data)
+            except OSError as error:
+                failure = error
+            assert failure is not None or file.tell() == 8 + len(text) + header[name]["data_offsets"][1]
+    if failure is not None:
+        raise failure
+
+
+def _fp32_values(params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each parameter's full fp32 master weights, in order. On one rank with the optimizer on NVMe, each swapped
+    sub-group's weights are read from its swap file once for all its parameters: DeepSpeed's own accessor swaps
+    the whole sub-group in and out again for every parameter (for GPT-2 XL, hundreds of GB of reads per save)."""
     from deepspeed import comm as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
-    weights = {}
-    for name, param in model.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        if dist.get_rank() == 0:
-            weights[name] = full.detach().to("cpu", torch.float32, copy=True).contiguous()
-    return weights
+    optimizer = getattr(params[0][1], "_z3_optimizer", None) if params else None
+    if optimizer is None or not optimizer.swap_optimizer or dist.get_world_size() > 1:
+        for name, param in params:
+            yield name, safe_get_full_fp32_param(param)
+        return
+    group, values = None, None
+    for name, param in params:
+        index, begin, numel = optimizer.grad_position[optimizer.get_param_id(param)]
+        if index != group:
+            group, flat = index, optimizer.fp32_partitioned_groups_flat[index]
+            values = flat if not optimizer._swappable_optimizer_subgroup(index) else torch.from_numpy(np.fromfile(
+                optimizer.optimizer_swapper.swap_params_info[flat.ds_id].tensors[0].swap_path, dtype=np.float32,
+                count=int(optimizer.fp16_partitioned_groups_flat_numel[index])))
+        yield name, values.narrow(0, begin, numel).view(param.ds_shape)
 
 
 def checkpoint_manifest(ckpt_dir: Path, tag: str | None = None) -> tuple[str, dict[str, Any]]:

@@ -16,6 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from pipeline.nvme import AUTO_KEYS
 from pipeline.precision import precision_of
 from pipeline.stage import PipelineError
 
@@ -77,8 +78,9 @@ def _place(device: str) -> str:
     return {"none": "the accelerator", "cpu": "CPU", "nvme": "NVMe"}[device]
 
 
-# The one place a config may say "auto": the precision, which pipeline.precision settles by the hardware.
-AUTO_ALLOWED = ("bf16.enabled", "fp16.enabled")
+# Where a config may say "auto": the precision, which pipeline.precision settles by the hardware, and the NVMe
+# parameter buffers, which pipeline.nvme derives from the model.
+AUTO_ALLOWED = ("bf16.enabled", "fp16.enabled", *AUTO_KEYS)
 
 
 def _find_auto(value: Any, where: str = "") -> str | None:
@@ -112,7 +114,8 @@ def merge_ds_config(
     if where := _find_auto(ds):
         raise PipelineError(
             f"{source}: {where} is \"auto\". That is a Hugging Face Trainer placeholder, which onecard takes only "
-            "for the precision (bf16.enabled, fp16.enabled: the hardware chooses); give a value (or leave the key out)."
+            f"for the precision and the NVMe parameter buffers ({', '.join(AUTO_ALLOWED)}); give a value (or leave "
+            "the key out)."
         )
     if micro_batch_size is not None:
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -158,7 +161,8 @@ def _check_batch(ds: dict[str, Any], source: Path | str, world_size: int) -> Non
 
 
 def check_nvme(ds: dict[str, Any]) -> None:
-    """Before anything is allocated: NVMe offload needs libaio, and a swap folder that can be written."""
+    """Before anything is allocated or written: NVMe offload needs libaio, and a swap folder that can be made and
+    written (probed in its nearest existing parent)."""
     zero = ds.get("zero_optimization", {})
     paths = {zero[key]["nvme_path"] for key in ("offload_param", "offload_optimizer")
              if zero.get(key, {}).get("device") == "nvme"}
@@ -175,17 +179,19 @@ def check_nvme(ds: dict[str, Any]) -> None:
         )
     for path in sorted(paths):
         folder = Path(path)
+        existing = folder
+        while not existing.exists():  # probed where it would be made: nothing is created before the preflight
+            existing = existing.parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            if not existing.is_dir():
+                raise NotADirectoryError(20, "Not a directory")
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".probe-"):
                 pass
         except OSError as error:
             raise PipelineError(
                 f"the NVMe swap folder {folder} is not writable ({error.strerror}). Point --nvme-path at a "
                 "writable folder on a fast local disk (a relative path is taken under the data directory)."
             ) from error
-        if not os.access(folder, os.W_OK):
-            raise PipelineError(f"the NVMe swap folder {folder} is not writable. Point --nvme-path elsewhere.")
 
 
 def _check_cuda_arch_list() -> None:

@@ -42,6 +42,24 @@ class Shape:
         mlp = 3 * self.width + 2 * (4 if self.gated_mlp else 2) * self.intermediate
         return attention + mlp + 4 * self.width
 
+    def layer_matrices(self) -> list[int]:
+        """The sizes of one decoder layer's weight matrices, in the order its forward pass uses them: GPT-2's
+        fused query-key-value, attention output, MLP in and out; the others' query, key, value, output, gate, up
+        and down projections."""
+        if not self.gated_mlp:
+            return [3 * self.width * self.width, self.width * self.width, self.width * self.intermediate,
+                    self.intermediate * self.width]
+        return [self.width * self.width, self.kv_width * self.width, self.kv_width * self.width,
+                self.width * self.width, *[self.intermediate * self.width] * 3]
+
+    def matrices(self) -> list[int]:
+        """The sizes of every weight matrix, in the order the forward pass first uses them (an untied output layer
+        last; a tied one is the token embedding again). The vectors (biases, norms) are left out: under 1% of a
+        model, and never large enough for DeepSpeed to swap to NVMe."""
+        embeddings = [self.vocab_size * self.width] + ([self.position_parameters] if self.position_parameters else [])
+        return embeddings + self.layers * self.layer_matrices() + \
+            ([] if self.tied_embeddings else [self.vocab_size * self.width])
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, as PaLM's appendix, nanoGPT and llm.c count them: 6 per parameter that
         multiplies (2 forward, 4 backward: every parameter but the position embeddings and, when the output layer

@@ -100,6 +100,25 @@ def cap_gpu_memory(cap_gib: float) -> None:
     torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / total)
 
 
+def reset_peak_rss() -> bool:
+    """Start the kernel's peak-RSS reading (VmHWM) anew from the current RSS; False where it cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's peak RSS of this process since it started or since `reset_peak_rss` (VmHWM)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) << 10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+
+
 class MemoryProbe:
     """Peak memory of this process: the CUDA allocator's reservation, the device memory NVML charges to the
     process (CUDA context included), and host RSS."""

@@ -4,7 +4,8 @@ shape — `onecard plan` and train's preflight both ask it.
 GPU: DeepSpeed's own estimators for the model states (`estimate_zero2/3_model_states_mem_needs`), plus what they
 leave out — activations for the micro-batch (checkpointed or not), the output layer's logits chunk, DeepSpeed's
 buckets and ZeRO-3's live parameters — then the allocator's fragmentation and the CUDA context as measured on the
-GPU host (docs/BENCHMARKS.md). Host and NVMe: DeepSpeed's CPU estimate, or NVMe offload's buffers and swap.
+GPU host (docs/BENCHMARKS.md). Host: by the kinds of the host-memory ledger (pipeline/ledger.py), which every run
+measures beside this estimate, plus a checkpoint save and the model's build. NVMe: DeepSpeed's swap files.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from pipeline.model import LOSS_CHUNK_TOKENS
 # context, cuBLAS and NCCL workspaces).
 FRAGMENTATION = {2: 1.29, 3: 2.06}
 CONTEXT_GIB = 1.67
+# A trainer process before any model state (Python, torch, DeepSpeed, transformers, the loader): the tiny
+# preset's peak RSS on the development machine is 0.7-0.8 GiB, nearly all of it this.
+PROCESS_BYTES = 0.8 * GIB
 
 
 def gpu_memory_bytes(ds: dict[str, Any], shape: Shape, seq_len: int, micro: int,
@@ -38,13 +42,13 @@ def gpu_memory_bytes(ds: dict[str, Any], shape: Shape, seq_len: int, micro: int,
     params_device, optimizer_device = offload_devices(ds)
     if stage == 3:
         largest_layer = shape.vocab_size * shape.width  # the token embedding
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(
             params, largest_layer, cpu_offload=optimizer_device != "none", cpu_offload_params=params_device != "none",
             zero_init=False)
         working = 2 * min(params, zero.get("stage3_max_live_parameters", 1e9))  # gathered bf16 parameters
         buffers = 2 * 2 * zero.get("stage3_prefetch_bucket_size", 5e7)
     else:
-        cpu, gpu = estimate_zero2_model_states_mem_needs(params, cpu_offload=optimizer_device != "none")
+        _, gpu = estimate_zero2_model_states_mem_needs(params, cpu_offload=optimizer_device != "none")
         working = 0.0
         buffers = 2 * 2 * zero.get("reduce_bucket_size", 5e8)  # two bf16 gradient buckets
     tokens = micro * seq_len
@@ -61,23 +65,99 @@ def gpu_memory_bytes(ds: dict[str, Any], shape: Shape, seq_len: int, micro: int,
     gpu, working, buffers, activations, gradients = (widen * term for term in
                                                      (gpu, working, buffers, activations, gradients))
     allocated = gpu + working + buffers + activations + logits
-    return {"model_states": gpu, "gradients": gradients, "model_states_cpu": cpu, "working_parameters": working,
+    return {"model_states": gpu, "gradients": gradients, "working_parameters": working,
             "buffers": buffers, "activations": activations, "logits": logits, "allocated": allocated + gradients,
             "total": allocated * FRAGMENTATION[max(stage, 2)] + gradients + CONTEXT_GIB * GIB}
 
 
-def host_and_disk_bytes(ds: dict[str, Any], params: float, model_states_cpu: float) -> tuple[float, float]:
-    """(host RAM, NVMe) bytes: DeepSpeed's CPU estimate, or with NVMe offload its pinned buffers and the swap
-    train checks for before it starts (`checkpoint.nvme_swap_needs`)."""
-    from pipeline.checkpoint import nvme_swap_needs
+HOST_KINDS = ("master", "gradients", "moments", "swap_buffers", "model", "device")  # the ledger's (pipeline/ledger.py)
 
-    swap = nvme_swap_needs(params, ds)
-    if not swap:
-        return model_states_cpu, 0.0
+
+def pinned_size(size: float) -> float:
+    """What a page-locked host tensor of `size` bytes takes beside a GPU: PyTorch's pinned-memory allocator (which
+    DeepSpeed's `pin_memory` copies go through) rounds each allocation up to a power of two by default."""
+    return float(1 << math.ceil(math.log2(size))) if size > 0 else 0.0
+
+
+def host_bytes(ds: dict[str, Any], shape: Shape, world_size: int = 1, on_gpu: bool = True) -> dict[str, float]:
+    """The host RAM one rank of a settled config holds for `shape`, by the ledger's kinds (HOST_KINDS), plus `save`,
+    what a checkpoint save adds on top (rank 0), `build`, the fp32 model as train builds it on the host before
+    DeepSpeed takes it over, and `pinned`, the page-locked part of the kinds. `on_gpu` False: a CPU accelerator,
+    whose host also holds what a GPU would (the model's weights and gradients), and which pins nothing."""
+    from pipeline import nvme
+
     zero = ds["zero_optimization"]
-    param_buffers = 2 * zero["offload_param"].get("buffer_count", 5) * zero["offload_param"].get("buffer_size", 1e8)
-    # the optimizer swapper's buffers hold one sub-group, which is never larger than the model
-    sub_group = min(zero.get("sub_group_size", 1e9), params)
-    optimizer_buffers = 4 * 4 * sub_group * zero["offload_optimizer"].get("buffer_count", 4)
-    # the fp32 model built on the CPU before DeepSpeed takes it over
-    return 4 * params + param_buffers + optimizer_buffers, sum(need.bytes for need in swap)
+    stage, (params_device, optimizer_device) = zero["stage"], offload_devices(ds)
+    params, matrices = shape.parameters, shape.matrices()
+    partition, largest = params / world_size, max(matrices)
+    element = nvme.element_bytes(ds)  # the model's own weights and gradients
+    bf16 = ds.get("bf16", {})
+    master = 2 if bf16.get("bf16_master_weights_and_grads") else 4
+    moment = 2 if bf16.get("bf16_optimizer_states") else 4
+    locked = [0.0]
+
+    def pinned_bytes(size: float, pinned: bool) -> float:
+        if not pinned:
+            return size
+        locked[0] += pinned_size(size)
+        return pinned_size(size)
+
+    pin = on_gpu and zero.get("offload_optimizer", {}).get("pin_memory", False)
+    groups = nvme.sub_groups([math.ceil(m / world_size) for m in matrices],
+                             zero.get("sub_group_size", nvme.DEFAULT_SUB_GROUP))
+    kinds = dict.fromkeys(HOST_KINDS, 0.0)
+    if optimizer_device == "nvme":
+        kinds["swap_buffers"] += 4 * zero["offload_optimizer"].get("buffer_count", 4) * max(map(sum, groups))
+        locked[0] += kinds["swap_buffers"] if on_gpu else 0.0  # DeepSpeed's aio allocates them page-locked
+        kinds["gradients"] += pinned_bytes(element * partition, pin)  # gathered on the host before the swap
+    elif optimizer_device == "cpu" and stage == 3:
+        kinds["master"] += master * partition
+        kinds["moments"] += 2 * moment * partition
+        # the gradients as ZeRO-3 gathers them, in the model's precision, then in fp32 per optimizer sub-group
+        kinds["gradients"] += pinned_bytes(element * partition, pin) + sum(
+            pinned_bytes(master * sum(group), pin) for group in groups)
+    elif optimizer_device == "cpu":
+        kinds["master"] += pinned_bytes(master * partition, pin)
+        kinds["moments"] += 2 * moment * partition
+        # the master partition's gradients, and the buffer each gradient is copied through
+        kinds["gradients"] += pinned_bytes(master * partition, pin) + pinned_bytes(element * largest, pin)
+        if stage == 2 and ds["gradient_accumulation_steps"] > 1 and master == 4:  # summed across micro-steps
+            kinds["gradients"] += sum(pinned_bytes(element * m / world_size, pin) for m in matrices)
+        kinds["model"] += pinned_bytes(element * partition, pin)  # the staging copy for the upload after CPU Adam
+    swap = nvme.param_swap(ds, shape, world_size)
+    if swap is not None:
+        offload = zero["offload_param"]
+        param_buffers = element * offload["buffer_count"] * offload["buffer_size"]
+        kinds["swap_buffers"] += param_buffers
+        locked[0] += param_buffers if on_gpu else 0.0
+        kinds["model"] += element * sum(n for n, swapped in zip(swap.partitions, swap.swapped, strict=True)
+                                        if not swapped)
+        if any(swap.swapped):  # the swapper's own buffer for writing a sub-group's parameters back
+            kinds["swap_buffers"] += element * max(map(sum, nvme.sub_groups(
+                swap.partitions, zero.get("sub_group_size", nvme.DEFAULT_SUB_GROUP))))
+    elif params_device == "cpu":  # ZeRO-3's offloaded partitions
+        pin_params = on_gpu and zero["offload_param"].get("pin_memory", False)
+        kinds["model"] += pinned_bytes(element * partition, pin_params)
+        if pin_params:  # each parameter's partition is pinned on its own first and copied into the flat buffer; the
+            # allocator keeps the freed blocks for reuse
+            kinds["model"] += sum(pinned_bytes(element * m / world_size, True) for m in matrices)
+    if not on_gpu:  # a CPU accelerator: the weights and DeepSpeed's buckets a GPU would hold
+        kinds["device"] += element * ((params + largest) if stage < 3 else zero.get("reduce_bucket_size", 5e8))
+    built_on_host = stage == 3 or not on_gpu
+    # the save holds one whole fp32 tensor at a time, or with the optimizer on NVMe one sub-group's weights
+    saved = max(map(sum, groups)) if optimizer_device == "nvme" else largest
+    return {**kinds, "save": 4 * saved, "build": 4 * params if built_on_host else 0.0, "pinned": locked[0]}
+
+
+def host_total(kinds: dict[str, float], ranks: int = 1) -> float:
+    """The most host RAM `ranks` ranks of these kinds hold together: their model states with rank 0's checkpoint
+    save on top, or their builds."""
+    steady = sum(kinds[kind] for kind in HOST_KINDS)
+    return max(ranks * steady + kinds["save"], ranks * (kinds["build"] + kinds["model"]))
+
+
+def disk_bytes(ds: dict[str, Any], params: float) -> float:
+    """What DeepSpeed's NVMe swap takes on disk (pipeline/nvme.py)."""
+    from pipeline.nvme import swap_needs
+
+    return sum(need.bytes for need in swap_needs(ds, params))

@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import families
+from pipeline import families, nvme
 from pipeline import precision as precisions
 from pipeline.dsconfig import CONFIGS, load_ds_config, offload_devices, shipped, shipped_configs
 from pipeline.hardware import GIB, GPUS, lookup_gpu
-from pipeline.memory import gpu_memory_bytes, host_and_disk_bytes
+from pipeline.memory import PROCESS_BYTES, disk_bytes, gpu_memory_bytes, host_bytes, host_total
 from pipeline.model import PRESETS, preset_model_shape
 from pipeline.stage import PipelineError, stage_main
 
@@ -35,6 +35,11 @@ MEASURED_AT = "docs/bench/train-h100"
 
 
 MEASURED = shipped("pipeline.measured", MEASURED_AT)
+# What keeping the optimizer's states in bf16 costs learning (bench/bf16_states.py): such a config is recommended
+# only when its validation loss is within this of fp32 states'.
+STATES_MEASURED_AT = "docs/bench/bf16-states"
+STATES_MEASURED = shipped("pipeline.bf16_states", STATES_MEASURED_AT)
+BF16_STATES_MOST_LOSS = 0.01
 TOKENS_PER_PARAMETER = 20  # compute-optimal (Hoffmann et al., 2022)
 # A CUDA card not in the table is taken to be a recent one: `auto` would train it in bf16.
 UNKNOWN_CARD = precisions.Choice("bf16", "auto: a card not in the table, taken to have bf16 tensor cores")
@@ -68,6 +73,16 @@ class PlanConfig:
     activation_checkpointing: int = field(default=1, metadata={"help": "as train's option: 0 off, k every k-th block"})
     mfu: float | None = field(default=None, metadata={"help": "model FLOPs utilisation to project time with "
                                                        "(default: the one measured for the config)"})
+    nvme_path: Path | None = field(default=None, metadata={"help": "the folder on the fast disk NVMe offload would "
+                                                                    "swap to (for --measure-disk, and written into "
+                                                                    "--write-config)"})
+    measure_disk: bool = field(default=False, metadata={"help": "measure that disk's read and write speed through "
+                                                                "DeepSpeed's async I/O, sweeping its aio settings "
+                                                                "(about a minute, a few GB written); the best go "
+                                                                "into --write-config"})
+    disk_read_gbps: float | None = field(default=None, metadata={"help": "the swap disk's read speed, GB/s, instead "
+                                                                          "of measuring it"})
+    disk_write_gbps: float | None = field(default=None, metadata={"help": "its write speed, GB/s"})
     write_config: Path | None = field(default=None, metadata={"help": "write the recommended DeepSpeed JSON here"})
     json: Path | None = field(default=None, metadata={"help": "write the whole plan as JSON here"})
 
@@ -117,6 +132,38 @@ def measured_runs() -> dict[str, dict[str, Any]]:
     return runs
 
 
+# A config without a GPU measurement of its own computes as the measured config it shares its GPU work with: the
+# same ZeRO stage, the same gradients and weights on the card (its time on the host side is added where known).
+COMPUTES_LIKE = {"zero2_offload_bf16_states": "zero2_offload", "zero3_nvme": "zero3_offload",
+                 "zero3_nvme_optimizer": "zero3_offload"}
+
+
+def bf16_states_loss() -> float | None:
+    """How much higher the validation loss ends with bf16 states than with fp32 states (0.01: 1%), as measured;
+    None if it has not been."""
+    arms = {}
+    for arm in ("fp32", "bf16"):
+        path = STATES_MEASURED / f"{arm}.json"
+        if not path.is_file():
+            return None
+        arms[arm] = json.loads(path.read_text())["val_loss"]
+    return arms["bf16"] / arms["fp32"] - 1
+
+
+def disk_speed(config: PlanConfig) -> dict[str, Any] | None:
+    """The swap disk's read and write GB/s: measured (--measure-disk), given, or None."""
+    if config.measure_disk:
+        if config.nvme_path is None:
+            raise PipelineError("--measure-disk needs --nvme-path: the folder on the disk NVMe offload would use.")
+        log.info("measuring the disk of %s through DeepSpeed's async I/O", config.nvme_path)
+        return {**nvme.measure_disk(config.nvme_path), "source": f"measured in {config.nvme_path}"}
+    if (config.disk_read_gbps is None) != (config.disk_write_gbps is None):
+        raise PipelineError("give both --disk-read-gbps and --disk-write-gbps (or --measure-disk).")
+    if config.disk_read_gbps is None:
+        return None
+    return {"read_gbps": config.disk_read_gbps, "write_gbps": config.disk_write_gbps, "source": "given"}
+
+
 def plan(config: PlanConfig) -> dict[str, Any]:
     """The plan as a dict: the inputs, one entry per shipped config, the recommendation and the compute."""
     shape = families.shape_of(families.read_config(config.model)) if config.model else \
@@ -128,42 +175,64 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     tokens = TOKENS_PER_PARAMETER * params if config.tokens == "compute-optimal" else token_count(config.tokens)
     per_token = shape.flops_per_token(config.seq_len)
     measured = measured_runs()
+    disk = disk_speed(config)
+    states_loss = bf16_states_loss()
     configs = []
     for path in shipped_configs():
-        ds = precisions.apply(load_ds_config(path), gpu["precision"])
+        shipped_ds = load_ds_config(path)
+        if precisions.bf16_states(shipped_ds) and gpu["precision"] != "bf16":
+            continue  # bf16 states need a card that trains in bf16
+        ds = precisions.apply(shipped_ds, gpu["precision"])
         micros = [config.micro_batch_size] if config.micro_batch_size else [32, 16, 8, 4, 2, 1]
         for micro in micros:
             memory = gpu_memory_bytes(ds, shape, config.seq_len, micro, config.activation_checkpointing)
             if memory["total"] <= gpu["memory_gib"] * GIB:
                 break
-        host, nvme = host_and_disk_bytes(ds, params, memory["model_states_cpu"])
-        fits = {"gpu": memory["total"] <= gpu["memory_gib"] * GIB, "host": host <= 0.9 * config.host_ram_gib * GIB,
-                "nvme": nvme <= config.nvme_free_gib * GIB}
-        run = measured.get(path.stem)
-        mfu = config.mfu or (run["mfu"] if run else None)
         accum = max(1, math.ceil(config.global_batch_tokens / (micro * config.seq_len)))
+        ds = nvme.settle({**ds, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}, shape)
+        host, nvme_bytes = host_total(host_bytes(ds, shape)) + PROCESS_BYTES, disk_bytes(ds, params)
+        fits = {"gpu": memory["total"] <= gpu["memory_gib"] * GIB, "host": host <= 0.9 * config.host_ram_gib * GIB,
+                "nvme": nvme_bytes <= config.nvme_free_gib * GIB}
+        like = path.stem if path.stem in measured else COMPUTES_LIKE.get(path.stem)
+        run = measured.get(like) if like else None
+        mfu = config.mfu or (run["mfu"] if run else None)
         entry = {"config": f"ds_configs/{path.name}", "zero_stage": ds["zero_optimization"]["stage"],
                  "offload": offload_devices(ds), "micro_batch_size": micro, "grad_accum": accum,
-                 "gpu_gib": {k: v / GIB for k, v in memory.items() if k != "model_states_cpu"},
-                 "host_gib": host / GIB, "nvme_gib": nvme / GIB, "fits": all(fits.values()),
+                 "gpu_gib": {k: v / GIB for k, v in memory.items()},
+                 "host_gib": host / GIB, "nvme_gib": nvme_bytes / GIB, "fits": all(fits.values()),
                  "fits_detail": fits, "mfu": mfu,
-                 "mfu_source": "--mfu" if config.mfu else (f"measured: {MEASURED_AT}/onecard-"
-                                                          f"{path.stem}.json" if run else None)}
-        if mfu and gpu["peak_tflops"]:
-            seconds = per_token * tokens / (mfu * gpu["peak_tflops"] * 1e12)
+                 "mfu_source": "--mfu" if config.mfu else (f"measured: {MEASURED_AT}/onecard-{like}.json"
+                                                          + ("" if like == path.stem else f" ({like}'s)")
+                                                          if run else None)}
+        steps = tokens / (micro * accum * config.seq_len)
+        read, written = nvme.step_traffic(ds, shape)
+        if read or written:
+            entry["nvme_step_gb"] = {"read": read / 1e9, "written": written / 1e9}
+            if disk:
+                per_step = read / 1e9 / disk["read_gbps"] + written / 1e9 / disk["write_gbps"]
+                entry["nvme_days"] = steps * per_step / 86400
+        if mfu and gpu["peak_tflops"] and (disk or not (read or written)):
+            seconds = per_token * tokens / (mfu * gpu["peak_tflops"] * 1e12) + entry.get("nvme_days", 0.0) * 86400
             entry.update(days=seconds / 86400, tokens_per_second=tokens / seconds,
                          energy_kwh=seconds * gpu["watts"] / 3.6e6 if gpu["watts"] else None)
-        configs.append(entry)
-    # fastest first: the measured MFU orders them; unmeasured ones after
-    fitting = sorted((c for c in configs if c["fits"]), key=lambda c: -(c["mfu"] or 0))
+        if precisions.bf16_states(ds):
+            entry["learning_cost"] = states_loss  # the validation loss's excess over fp32 states, measured
+        configs.append({**entry, "_ds": ds})
+    # fastest first: the estimated days order them; those without after, by measured MFU. A config that costs
+    # learning more than the bound (or was never measured for it) is listed, never recommended.
+    fitting = sorted((c for c in configs if c["fits"] and recommendable(c)),
+                     key=lambda c: (c.get("days") is None, c.get("days") or 0, -(c["mfu"] or 0),
+                                    sum(c.get("nvme_step_gb", {}).values())))
+    settled = {c["config"]: c.pop("_ds") for c in configs}
     return {"inputs": {**asdict(config), "write_config": str(config.write_config or ""),
-                       "json": str(config.json or "")},
+                       "json": str(config.json or ""), "nvme_path": str(config.nvme_path or "")},
             "model": {"name": config.model or config.preset, **asdict(shape)},
-            "gpu": gpu, "tokens": tokens,
+            "gpu": gpu, "tokens": tokens, "disk": disk,
             "compute": {"flops_per_token": per_token, "training_flops": per_token * tokens,
                         "dense_6nd_flops": dense_training_flops(params, tokens),
                         "compute_optimal_tokens": TOKENS_PER_PARAMETER * params},
-            "configs": configs, "recommended": fitting[0]["config"] if fitting else None}
+            "configs": configs, "recommended": fitting[0]["config"] if fitting else None,
+            "settled": settled}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -185,20 +254,66 @@ def table(result: dict[str, Any]) -> str:
         memory = c["gpu_gib"]
         detail = f"{number(memory['total'])} ({number(memory['model_states'])} + {number(memory['activations'])} + ...)"
         fits = "yes" if c["fits"] else "no: " + ", ".join(k for k, ok in c["fits_detail"].items() if not ok)
+        days = number(c.get("days"))
+        if "nvme_days" in c:
+            days += f" ({number(c['nvme_days'])} of NVMe)"
+        elif "nvme_step_gb" in c:
+            days += " (NVMe time unknown: --measure-disk)"
+        if "learning_cost" in c:
+            cost = c["learning_cost"]
+            verdict = "" if recommendable(c) else ", not recommended"
+            fits += (" (learning: not measured)" if cost is None else
+                     f" (learning: {100 * cost:+.1f}% validation loss{verdict})")
         lines.append(f"| {c['config']} | {c['micro_batch_size']} × {c['grad_accum']} | {detail} | "
                      f"{number(c['host_gib'])} | {number(c['nvme_gib'])} | {fits} | "
                      f"{number(100 * c['mfu'] if c['mfu'] else None)}{'%' if c['mfu'] else ''} | "
-                     f"{number(c.get('days'))} | {number(c.get('energy_kwh'), 0)} |")
+                     f"{days} | {number(c.get('energy_kwh'), 0)} |")
+    disk = result["disk"]
     lines += ["", f"recommended: {result['recommended'] or 'none of the shipped configs fits'}",
-              "MFU: as measured for the config on an H100 capped at 11 GiB (docs/BENCHMARKS.md) unless --mfu is "
-              "given. Not measured on this card: its slower compute makes the fixed CPU-side costs (gradient "
-              "copies, CPU Adam) weigh less, a desktop CPU makes them larger; GPU memory is an estimate calibrated "
-              "on the same measurement."]
+              "MFU: as measured on an H100 capped at 11 GiB (docs/BENCHMARKS.md) for the config, or for the config it "
+              "shares its GPU work with (bf16 states: zero2_offload; NVMe: zero3_offload), unless --mfu is given. "
+              "Not measured on this card: its slower compute makes the fixed CPU-side costs (gradient copies, CPU "
+              "Adam) weigh less, a desktop CPU makes them larger; GPU memory is an estimate calibrated on the same "
+              "measurement. Host RAM: the memory model (pipeline/memory.py), a checkpoint save included."]
+    if disk:
+        lines.append(f"NVMe: the swap's bytes per step at the disk's {disk['read_gbps']:.2f} GB/s read and "
+                     f"{disk['write_gbps']:.2f} GB/s write ({disk['source']}), added to the compute time with no "
+                     "overlap (as measured on CPU: docs/BENCHMARKS.md).")
     return "\n".join(lines)
+
+
+def recommendable(entry: dict[str, Any]) -> bool:
+    cost = entry.get("learning_cost", 0.0)
+    return cost is not None and cost <= BF16_STATES_MOST_LOSS
+
+
+def written_config(result: dict[str, Any], settled: dict[str, Any], nvme_path: Path | None) -> dict[str, Any]:
+    """The recommended shipped config as the plan has it: its micro-batch and accumulation, its NVMe buffers derived
+    for the model, the measured disk's best aio settings and the swap folder; the precision left to the hardware."""
+    chosen = next(c for c in result["configs"] if c["config"] == result["recommended"])
+    ds = load_ds_config(CONFIGS / Path(chosen["config"]).name)
+    ds.update(train_micro_batch_size_per_gpu=chosen["micro_batch_size"],
+              gradient_accumulation_steps=chosen["grad_accum"])
+    zero, derived = ds["zero_optimization"], settled["zero_optimization"]
+    for key in nvme.AUTO_KEYS:
+        section, name = key.removeprefix("zero_optimization.").rpartition(".")[::2]
+        if section:
+            if name in zero.get(section, {}):
+                zero[section][name] = derived[section][name]
+        elif name in zero:
+            zero[name] = derived[name]
+    if nvme.swap_folders(ds):
+        if result["disk"] and "best" in result["disk"]:
+            ds["aio"] = nvme.aio_section(result["disk"]["best"])
+        for key in ("offload_param", "offload_optimizer"):
+            if nvme_path is not None and zero.get(key, {}).get("device") == "nvme":
+                zero[key]["nvme_path"] = str(Path(nvme_path).absolute())
+    return ds
 
 
 def run(config: PlanConfig) -> dict[str, Any]:
     result = plan(config)
+    settled = result.pop("settled")
     log.info("plan:\n%s", table(result))
     if config.json:
         config.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -207,9 +322,7 @@ def run(config: PlanConfig) -> dict[str, Any]:
             raise PipelineError("no shipped config fits this card and machine, so there is none to write: add "
                                 "host RAM or NVMe space, lower --seq-len, or pick a smaller --preset.")
         chosen = next(c for c in result["configs"] if c["config"] == result["recommended"])
-        ds = load_ds_config(CONFIGS / Path(chosen["config"]).name)
-        ds.update(train_micro_batch_size_per_gpu=chosen["micro_batch_size"],
-                  gradient_accumulation_steps=chosen["grad_accum"])
+        ds = written_config(result, settled[chosen["config"]], config.nvme_path)
         config.write_config.write_text(json.dumps(ds, indent=2) + "\n")
         log.info("wrote %s (%s with micro-batch %d x %d accumulation): train with deepspeed launch/train.py "
                  "--deepspeed %s%s", config.write_config, chosen["config"], chosen["micro_batch_size"],

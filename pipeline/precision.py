@@ -131,12 +131,23 @@ def resolve(ds: dict[str, Any], source: str, override: str | None,
     wanted, by = asked(ds, source, override)
     natural = (device or detect)()
     choice = natural if wanted == AUTO else Choice(wanted, f"set by {by}")
+    if bf16_states(ds) and choice.precision != "bf16":
+        raise PipelineError(f"{source} keeps the master weights, gradients and Adam moments in bf16 "
+                            f"(bf16.bf16_master_weights_and_grads), which needs bf16 training, and {by} asks for "
+                            f"{choice.precision}. Drop --precision, or pick a config with fp32 states such as "
+                            "ds_configs/zero2_offload.json.")
     if choice.precision == "fp16":
         _check_fp16()
     if wanted == "bf16" and natural.precision != "bf16":
         log.warning("bf16 is %s, but this device has no native bf16 (%s): expect it to run many times slower than "
                     "%s would", choice.reason, natural.reason, natural.precision)
     return apply(ds, choice.precision), choice
+
+
+def bf16_states(ds: dict[str, Any]) -> bool:
+    """Whether the config keeps the optimizer's master weights and gradients in bf16 (DeepSpeed's
+    bf16_master_weights_and_grads; its bf16_optimizer_states adds the moments)."""
+    return bool(ds.get("bf16", {}).get("bf16_master_weights_and_grads"))
 
 
 def precision_of(ds: dict[str, Any]) -> str:

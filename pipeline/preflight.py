@@ -16,17 +16,15 @@ from typing import Any
 import psutil
 import torch
 
+from pipeline import nvme
 from pipeline import precision as precisions
-from pipeline.dsconfig import load_ds_config, offload_devices, shipped_configs
+from pipeline.dsconfig import load_ds_config, shipped_configs
 from pipeline.families import Shape
 from pipeline.hardware import GIB
-from pipeline.memory import CONTEXT_GIB, gpu_memory_bytes, host_and_disk_bytes
+from pipeline.memory import CONTEXT_GIB, PROCESS_BYTES, gpu_memory_bytes, host_bytes, host_total
 
 log = logging.getLogger("onecard")
 
-# A trainer process before any model state (Python, torch, DeepSpeed, transformers, the loader): the tiny
-# preset's peak RSS on the development machine is 0.7-0.8 GiB, nearly all of it this.
-PROCESS_BYTES = 0.8 * GIB
 TIGHT = 0.9  # needing more than this share of what there is gets a warning
 # The GPU estimate is calibrated to be at most this much above what NVML measured (tests/test_plan.py): a run is
 # refused only beyond it, so that no run that fits is turned away (and a CUDA out-of-memory error, unlike the
@@ -37,6 +35,7 @@ GPU_ESTIMATE_ABOVE = 1.15
 @dataclass(frozen=True)
 class Needs:
     host_bytes: float
+    host_kinds: dict[str, float]  # one rank's host RAM by the ledger's kinds (pipeline/memory.py host_bytes)
     pinned_bytes: float  # page-locked, counted against the memlock limit (with a GPU only)
     gpu_bytes: float | None  # what NVML would charge the process; None without a GPU
 
@@ -52,25 +51,10 @@ def estimate(ds: dict[str, Any], shape: Shape, seq_len: int, checkpointing: int,
              gpu: bool | None = None) -> Needs:
     """What a run of this config needs on this node (host RAM for all its local ranks, GPU memory per rank)."""
     gpu = torch.cuda.is_available() if gpu is None else gpu
-    memory = gpu_memory_bytes(ds, shape, seq_len, ds["train_micro_batch_size_per_gpu"], checkpointing)
-    host, _ = host_and_disk_bytes(ds, shape.parameters, memory["model_states_cpu"])
-    return Needs(host + local_ranks * PROCESS_BYTES, pinned_bytes(ds, shape.parameters) if gpu else 0.0,
-                 memory["total"] if gpu else None)
-
-
-def pinned_bytes(ds: dict[str, Any], params: float) -> float:
-    """Page-locked host memory: the fp32 master weights and gradients of an offloaded optimizer, the bf16 weights
-    of offloaded parameters, the NVMe swap buffers (each where its config asks for pin_memory)."""
-    zero = ds["zero_optimization"]
-    params_device, optimizer_device = offload_devices(ds)
-    pinned = 0.0
-    if optimizer_device != "none" and zero["offload_optimizer"].get("pin_memory"):
-        pinned += 8 * params if optimizer_device == "cpu" else \
-            4 * 4 * min(zero.get("sub_group_size", 1e9), params) * zero["offload_optimizer"].get("buffer_count", 4)
-    if params_device != "none" and zero["offload_param"].get("pin_memory"):
-        pinned += 2 * params if params_device == "cpu" else \
-            2 * zero["offload_param"].get("buffer_count", 5) * zero["offload_param"].get("buffer_size", 1e8)
-    return pinned
+    kinds = host_bytes(ds, shape, local_ranks, gpu)
+    return Needs(host_total(kinds, local_ranks) + local_ranks * PROCESS_BYTES, kinds, local_ranks * kinds["pinned"],
+                 gpu_memory_bytes(ds, shape, seq_len, ds["train_micro_batch_size_per_gpu"], checkpointing)["total"]
+                 if gpu else None)
 
 
 CAP_IPC_LOCK = 14  # the capability that lifts the memlock limit (linux/capability.h)
@@ -148,6 +132,7 @@ def shipped_alternatives(ds: dict[str, Any], shape: Shape, seq_len: int, checkpo
     layout = {key: ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
     alternatives = {}
     for path in shipped_configs():
-        other = precisions.apply({**load_ds_config(Path(path)), **layout}, precisions.precision_of(ds))
+        other = nvme.settle(precisions.apply({**load_ds_config(Path(path)), **layout}, precisions.precision_of(ds)),
+                            shape, local_ranks)
         alternatives[f"ds_configs/{path.name}"] = estimate(other, shape, seq_len, checkpointing, local_ranks)
     return alternatives

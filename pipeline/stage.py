@@ -122,9 +122,6 @@ class DataDir:
     def export(self, run: str) -> Path:
         return self.root / "export" / run
 
-    def nvme(self, run: str) -> Path:
-        return self.root / "nvme" / run
-
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

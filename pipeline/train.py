@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import psutil
 import torch
 
-from pipeline import checkpoint, families, preflight, pretrained
+from pipeline import checkpoint, families, ledger, memory, nvme, preflight, pretrained
 from pipeline import precision as precisions
-from pipeline.artifacts import input_entry, require_free_space, write_json_atomic
+from pipeline.artifacts import DiskNeed, input_entry, require_disk, write_json_atomic
 from pipeline.data import TokenSequences, TrainBatches, micro_batch_loader
 from pipeline.distributed import (
     StopSignal,
@@ -50,7 +51,15 @@ from pipeline.dsconfig import (
     merge_ds_config,
     offload_devices,
 )
-from pipeline.hardware import GIB, MemoryProbe, cap_gpu_memory, device_name, peak_tflops
+from pipeline.hardware import (
+    GIB,
+    MemoryProbe,
+    cap_gpu_memory,
+    device_name,
+    peak_rss_bytes,
+    peak_tflops,
+    reset_peak_rss,
+)
 from pipeline.metrics import Metrics
 from pipeline.model import (
     FUSED_GELU,
@@ -234,16 +243,19 @@ def lr_schedule(config: TrainConfig) -> partial[float]:
     return partial(lr_ratio, warmup_steps=warmup, max_steps=config.max_steps, min_ratio=config.min_lr_ratio)
 
 
-def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path,
-                     name: str) -> tuple[dict[str, Any], precisions.Choice]:
-    """The run's DeepSpeed config, its precision settled: the JSON with the command-line overrides merged in,
-    checked for what this trainer needs before anything is allocated."""
+def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name: str,
+                     shape: families.Shape) -> tuple[dict[str, Any], precisions.Choice]:
+    """The run's DeepSpeed config, its precision and NVMe buffers settled: the JSON with the command-line
+    overrides merged in, checked for what this trainer needs before anything is allocated."""
     ds = merge_ds_config(
         load_ds_config(config.deepspeed), config.deepspeed, world_size=world_size, data_dir=data_root, run=name,
         nvme_path=config.nvme_path, micro_batch_size=config.micro_batch_size, grad_accum=config.grad_accum,
         lr=config.lr,
     )
     ds, choice = precisions.resolve(ds, config.deepspeed, config.precision)
+    ds = nvme.settle(ds, shape, world_size)
+    if problems := nvme.param_buffer_problems(ds, shape, world_size, config.deepspeed):
+        raise PipelineError(" ".join(problems))
     if "scheduler" in ds:
         raise PipelineError(
             f"{config.deepspeed} has a \"scheduler\" section; onecard sets the schedule itself (warmup + cosine: "
@@ -373,6 +385,7 @@ class Session:
     switches_precision: bool  # resumed in another precision than it was trained in (--allow-precision-change)
     model_config: Any  # the transformers config of the model
     shape: families.Shape
+    host_estimate: dict[str, float]  # one rank's host RAM by kind, as the memory model has it (pipeline/memory.py)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -405,6 +418,8 @@ class Trainee:
     n_params: int
     flops_per_token: float
     peak_tflops: float | None  # the device's dense peak in the run's precision, for MFU
+    host_memory: dict[str, int] = field(default_factory=dict)  # the ledger (pipeline/ledger.py) and the save's peak
+    swap_meter: nvme.SwapMeter | None = None  # the NVMe swap traffic of each step, with NVMe offload
 
 
 def run(config: TrainConfig) -> Path:
@@ -421,6 +436,9 @@ def run(config: TrainConfig) -> Path:
         log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", session.name, done, config.max_steps,
                  time.time() - clock.started, session.ckpt_dir)
     finally:
+        # DeepSpeed's NVMe swap is scratch (a resume starts it anew from the checkpoint's copy): tens of GB that a
+        # finished or failed run must not leave behind
+        nvme.remove_swap(session.ds)
         close_log_file()
     return session.ckpt_dir
 
@@ -446,13 +464,14 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
     if start is not None:
         pretrained.check_tokenizer(start.folder, config.init_from, start.config,
                                    data.tokenizer(index["tokenizer"]["name"]), index["vocab_size"])
-    ds, choice = deepspeed_config(config, world_size, data.root, name)
+    ds, choice = deepspeed_config(config, world_size, data.root, name, shape)
     if config.gpu_mem_cap is not None:  # checked before anything is written
         cap_gpu_memory(config.gpu_mem_cap)
     estimate = check_fits(config, ds, shape, seq_len) if config.preflight else None
+    _check_disk(start_disk_needs(config, ds, ckpt_dir, shape.parameters))
     identity = run_identity(config, ds, index, shards_dir, seq_len, world_size, start, model_identity)
     if rank == 0 and config.force:
-        for folder in (ckpt_dir, data.runs(name), data.nvme(name)):
+        for folder in (ckpt_dir, data.runs(name), *nvme.swap_folders(ds)):
             shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
     switches_precision = _check_resume(ckpt_dir, identity, choice, config.allow_precision_change)
@@ -474,7 +493,18 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
     # The whole merged config is saved beside the checkpoints and in TensorBoard; the console gets the summary.
     log.debug("merged config:\n%s", merged_config(config, ds, choice))
     return Session(config, name, rank, world_size, data, index, ds, identity, seq_len, end_step, estimate, start,
-                   choice, switches_precision, model, shape)
+                   choice, switches_precision, model, shape,
+                   memory.host_bytes(ds, shape, world_size, torch.cuda.is_available()))
+
+
+def start_disk_needs(config: TrainConfig, ds: dict[str, Any], ckpt_dir: Path, params: int) -> list[DiskNeed]:
+    """What the run will write before its first save completes: DeepSpeed's NVMe swap (less what a previous session's
+    swap files, which DeepSpeed replaces, already take) and, when it saves at all, the next checkpoint."""
+    needs = [need._replace(bytes=max(0.0, need.bytes - nvme.bytes_in(need.folder)))
+             for need in nvme.swap_needs(ds, params)]
+    if config.checkpoint_every or config.stop_after:
+        needs.append(checkpoint.next_checkpoint_need(ckpt_dir, params, ds))
+    return needs
 
 
 def describe_model(config: TrainConfig) -> str:
@@ -522,12 +552,12 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
     if config.compile:
         compile_layers(model)
     n_params, flops = parameter_count(model), session.shape.flops_per_token(session.seq_len)
-    disk = checkpoint.disk_needs(session.ckpt_dir, n_params, ds, nvme_too=True)
-    _check_disk(disk if config.checkpoint_every else [need for need in disk if need.what != checkpoint.NEXT])
     clock.lap("model")
     clock.lap("op loads", excluded=sum(seconds for seconds, built in load_ops(ds).values() if built))
     schedule = lr_schedule(config)
     resharding = _resharding(session.ckpt_dir, ds, session.world_size)
+    if offload_devices(ds)[0] == "nvme" and not torch.cuda.is_available():
+        nvme.fix_cpu_parameter_swapping()
     engine, *_ = deepspeed.initialize(
         model=TrainingModel(model, config.loss_chunk_tokens),
         model_parameters=optimizer_groups(model, ds["optimizer"].get("params", {}).get("weight_decay", 0.0)),
@@ -559,8 +589,10 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
              "step, training steps %d..%d of %d on %s", describe_model(config), shape.family, shape.layers,
              shape.width, shape.vocab_size, n_params / 1e6, flops / 1e9, session.tokens_per_step, start_step + 1,
              session.end_step, config.max_steps, device_name())
+    swap_folders = nvme.swap_folders(ds)
     return Trainee(engine, model, start_step, n_params, flops,
-                   peak_tflops(session.precision.precision, config.peak_tflops))
+                   peak_tflops(session.precision.precision, config.peak_tflops),
+                   swap_meter=nvme.SwapMeter(swap_folders, engine.optimizer.optimizer) if swap_folders else None)
 
 
 def build_device(session: Session) -> str:
@@ -621,6 +653,8 @@ def train(session: Session, trainee: Trainee, clock: StartupClock) -> int:
                              **estimated_gib(session.estimate))
                 log.info("start-up %.1fs to the end of step %d (%s; op builds %.1fs excluded)", clock.total(), done,
                          clock.summary(), clock.excluded)
+                trainee.host_memory.update(ledger.measure(engine, trainee.model))
+                record_host_memory(session, trainee)
             if config.eval_every and (done % config.eval_every == 0 or done == session.end_step):
                 stats["eval/val_loss"] = validation_loss(engine, val, session.micro_batch_size, config.eval_tokens,
                                                          session.rank, session.world_size)
@@ -664,6 +698,8 @@ def train_step(session: Session, trainee: Trainee, batches: TrainBatches, loader
         timer.mark("forward")
         engine.backward(loss)  # with ZeRO-2 offload this also moves the gradients to the CPU
         timer.mark("backward")
+        if trainee.swap_meter is not None and micro_step == session.grad_accum - 1:
+            trainee.swap_meter.optimizer_begins()
         engine.step()  # the weights change on the last micro-step only: CPU Adam, then the upload
         timer.mark("optimizer")
         losses.append(loss.detach().float())
@@ -682,7 +718,8 @@ def train_step(session: Session, trainee: Trainee, batches: TrainBatches, loader
     return {"loss": mean_loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_second": tokens_per_second, "tflops": tflops, "mfu": tflops / peak if peak else None,
             "step_seconds": seconds, **{f"{phase}_seconds": phases.get(phase, 0.0) for phase in PHASES},
-            "data_wait_seconds": waited, **(loss_scaling(engine, scale, step) if fp16 else {})}, \
+            "data_wait_seconds": waited, **(loss_scaling(engine, scale, step) if fp16 else {}),
+            **(trainee.swap_meter.step_ends() if trainee.swap_meter is not None else {})}, \
         bool(stop_requested > 0)
 
 
@@ -714,6 +751,10 @@ def step_line(done: int, max_steps: int, stats: dict[str, Any]) -> str:
             + ("-" if stats["grad_norm"] is None else f"{stats['grad_norm']:.3f}")
             + (f" | loss scale {stats['loss_scale']:g}, skipped steps {stats['skipped_steps']}"
                if "loss_scale" in stats else "")
+            + (f" | NVMe {stats['swap_read_gb']:.1f} GB in, {stats['swap_write_gb']:.1f} out"
+               + (f" at {stats['swap_gbps']:.2f} GB/s" if stats["swap_gbps"] else "")
+               + (f", {100 * stats['swap_overlap']:.0f}% behind Adam" if stats["swap_overlap"] is not None else "")
+               if "swap_read_gb" in stats else "")
             + f" | {stats['tokens_per_second']:.0f} tokens/s | {stats['tflops']:.1f} TFLOP/s"
             + (f" ({100 * stats['mfu']:.1f}% MFU)" if stats["mfu"] is not None else "")
             + f" | {stats['step_seconds']:.2f}s/step (fwd {stats['forward_seconds']:.2f}, bwd "
@@ -723,25 +764,36 @@ def step_line(done: int, max_steps: int, stats: dict[str, Any]) -> str:
 
 def save_checkpoint(session: Session, trainee: Trainee, done: int, run_inputs: dict[str, Any],
                     started: float) -> None:
-    """A checkpoint after step `done`, with the data position and RNG states; the run's manifest follows it."""
-    _check_disk(checkpoint.disk_needs(session.ckpt_dir, trainee.n_params, session.ds, nvme_too=False))
+    """A checkpoint after step `done`, with the data position and RNG states; the run's manifest follows it. What
+    the save adds to host memory at its peak is measured (the kernel's peak RSS, reset before it) and recorded."""
+    _check_disk([checkpoint.next_checkpoint_need(session.ckpt_dir, trainee.n_params, session.ds)])
     progress = {"step": done, "tokens_seen": done * session.tokens_per_step}
     state = {**progress, "rng": checkpoint.rng_states(), **checkpoint.universal_info()}
+    before, measurable = psutil.Process().memory_info().rss, reset_peak_rss()
     checkpoint.save(trainee.engine, trainee.model, session.ckpt_dir, done, state, session.config.keep_checkpoints,
                     {"identity": session.identity, "inputs": run_inputs, "counts": progress, "started": started})
+    if measurable:
+        trainee.host_memory["save"] = max(trainee.host_memory.get("save", 0), peak_rss_bytes() - before)
+        record_host_memory(session, trainee)
     if session.rank == 0:
         checkpoint.write_run_manifest(session.ckpt_dir, session.identity, run_inputs, progress, started)
 
 
-def _check_disk(needs: list[checkpoint.DiskNeed]) -> None:
-    """Every rank checks its own disks; all raise together."""
+def record_host_memory(session: Session, trainee: Trainee) -> None:
+    """Log the host-memory ledger beside the memory model's estimate, and keep both in run.json."""
+    log.info("host memory by kind, GiB: %s", ledger.table(trainee.host_memory, session.host_estimate))
+    if session.rank == 0:
+        checkpoint.update_run_file(session.ckpt_dir, host_memory={"measured": trainee.host_memory,
+                                                                  "estimated": session.host_estimate})
+
+
+def _check_disk(needs: list[DiskNeed]) -> None:
+    """Every rank checks its own disks, the needs that share a filesystem summed; all raise together."""
     problem = None
-    for need in needs:
-        try:
-            require_free_space(need.folder, need.bytes, need.what, "then run the same command again")
-        except PipelineError as error:
-            problem = str(error)
-            break
+    try:
+        require_disk(needs, "then run the same command again")
+    except PipelineError as error:
+        problem = str(error)
     if any_rank(problem is not None):
         raise PipelineError(problem or "another rank's disk is too full to go on: see its log.")
 

@@ -9,7 +9,9 @@ import pytest
 from helpers import REPO
 
 from pipeline.dsconfig import check_nvme, describe, load_ds_config, merge_ds_config, offload_devices
-from pipeline.precision import PRECISIONS, apply, precision_of
+from pipeline.model import preset_model_shape
+from pipeline.nvme import settle
+from pipeline.precision import PRECISIONS, apply, bf16_states, precision_of
 from pipeline.stage import PipelineError
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -26,13 +28,16 @@ def test_the_three_required_configs_ship() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_are_valid_deepspeed_json_in_every_precision(path: Path) -> None:
+    """Every precision the config takes (the hardware chooses; bf16 only for bf16 states), its NVMe buffers
+    settled for a model, is a config DeepSpeed accepts."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
     ds = load_ds_config(path)
     assert ds["optimizer"]["type"] == "AdamW" and "scheduler" not in ds
-    assert ds["gradient_clipping"] == 1.0 and precision_of(ds) == "auto"  # the hardware chooses
-    for chosen in PRECISIONS:
-        parsed = DeepSpeedConfig(apply(json.loads(path.read_text()), chosen))
+    assert ds["gradient_clipping"] == 1.0
+    assert precision_of(ds) == ("bf16" if bf16_states(ds) else "auto")
+    for chosen in ["bf16"] if bf16_states(ds) else PRECISIONS:
+        parsed = DeepSpeedConfig(settle(apply(json.loads(path.read_text()), chosen), preset_model_shape("gpt2")))
         assert parsed.zero_optimization_stage == ds["zero_optimization"]["stage"] in (1, 2, 3)
         assert (parsed.bfloat16_config.enabled, parsed.float16_config.enabled) == (chosen == "bf16", chosen == "fp16")
         if chosen == "fp16":  # dynamic loss scaling from 2^16
@@ -41,8 +46,9 @@ def test_shipped_configs_are_valid_deepspeed_json_in_every_precision(path: Path)
 
 def test_config_offload_layout() -> None:
     layout = {p.stem: offload_devices(load_ds_config(p)) for p in CONFIGS}
-    assert layout["zero1_offload"] == layout["zero2_offload"] == ("none", "cpu")
+    assert layout["zero1_offload"] == layout["zero2_offload"] == layout["zero2_offload_bf16_states"] == ("none", "cpu")
     assert layout["zero3_offload"] == ("cpu", "cpu")
+    assert layout["zero3_nvme_optimizer"] == ("cpu", "nvme")
     assert layout["zero3_nvme"] == ("nvme", "nvme")
 
 

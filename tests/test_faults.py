@@ -245,7 +245,7 @@ def test_a_disk_that_fills_during_a_save_keeps_the_previous_checkpoint(data_copy
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(ckpt_dir / "step_00000004"))
 
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    monkeypatch.setattr(checkpoint, "write_fp32_weights", full)
     with pytest.raises(PipelineError, match=r"writing checkpoint .*step_00000004 failed .*No space left on device.*"
                                             r"never became `latest`; .*step_00000002 is intact"):
         train(data_copy, "fills", max_steps=4)
