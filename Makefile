@@ -58,12 +58,14 @@ CKPT   := $(DATA)/checkpoints/$(RUN)/manifest.json
 install: $(INSTALLED)
 
 # torch first, pinned, so that pip takes the build meant for this machine (a local CPU wheel where one is
-# provided) instead of whatever the dependency range would pull.
+# provided) instead of whatever the dependency range would pull. DeepSpeed's ops (CPU Adam, async I/O) are built
+# here, once, rather than in the first training run.
 $(INSTALLED): pyproject.toml
 	sh launch/system_deps.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e .
+	$(PY) launch/build_ops.py
 	touch $@
 
 # What only the tests need (pytest, ruff, EleutherAI's lm-evaluation-harness), on top of the install.

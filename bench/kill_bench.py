@@ -4,8 +4,9 @@ uninterrupted run, and is no artifact that looks complete ever partial?
     python bench/kill_bench.py --trials 24 --source ../shared/data/gutenberg \
         --tokenizer ../shared/data/gpt2-tokenizer --out docs/bench/kill-resume.json
 
-Each trial picks a target in turn — the download, tokenize or shard stage, training, or a checkpoint being
-written — starts it as a user would (`python -m pipeline.<stage>`, `python launch/train.py`), kills it with
+Each trial picks a target in turn — the download, tokenize or shard stage, training, a checkpoint being
+written, or training with the parameters and optimizer swapped to NVMe (zero3_nvme: the kill lands mid-swap) —
+starts it as a user would (`python -m pipeline.<stage>`, `python launch/train.py`), kills it with
 SIGKILL at a random moment (a data stage: while it writes its output; training: a random fraction into a
 random step; a checkpoint write: as soon as its folder appears), checks what is on disk, and runs the same
 command again until it succeeds. Then it compares with a reference run made without any
@@ -21,6 +22,7 @@ import random
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -35,11 +37,13 @@ from pipeline.checkpoint import latest_tag, load_weights, tag_for
 from pipeline.metrics import read_metrics
 from pipeline.stage import PipelineError, parse_config
 
-TARGETS = ("download", "tokenize", "shard", "train", "checkpoint")
+TARGETS = ("download", "tokenize", "shard", "train", "checkpoint", "nvme")
 STAGE_OF = {"download": "raw", "tokenize": "tokens", "shard": "shards"}
-TRAIN_FLAGS = ["--deepspeed", "ds_configs/zero2_offload.json", "--run", "kill", "--seq-len", "64",
-               "--micro-batch-size", "4", "--precision", "fp32", "--lr", "2e-3", "--warmup-steps", "2",
-               "--log-every", "1", "--eval-every", "0"]
+# The training targets' config and run name: `train` and `checkpoint` share their reference run.
+TRAIN_RUNS = {"train": ("zero2_offload", "kill"), "checkpoint": ("zero2_offload", "kill"),
+              "nvme": ("zero3_nvme", "kill-nvme")}
+TRAIN_FLAGS = ["--seq-len", "64", "--micro-batch-size", "4", "--precision", "fp32", "--lr", "2e-3",
+               "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0"]
 
 
 @dataclass
@@ -61,8 +65,10 @@ def stage_command(target: str, config: KillConfig, data_dir: Path) -> list[str]:
              "shard": ["--corpus", "corpus"]}
     if target in flags:
         return [sys.executable, "-m", f"pipeline.{target}", "--data-dir", str(data_dir), *flags[target]]
-    return [sys.executable, "launch/train.py", "--data-dir", str(data_dir), "--corpus", "corpus", *TRAIN_FLAGS,
-            "--max-steps", str(config.train_steps), "--checkpoint-every", str(config.checkpoint_every)]
+    ds_config, run = TRAIN_RUNS[target]
+    return [sys.executable, "launch/train.py", "--data-dir", str(data_dir), "--corpus", "corpus", "--deepspeed",
+            f"ds_configs/{ds_config}.json", "--run", run, *TRAIN_FLAGS, "--max-steps", str(config.train_steps),
+            "--checkpoint-every", str(config.checkpoint_every)]
 
 
 def building(data_dir: Path, target: str) -> bool:
@@ -103,21 +109,23 @@ def prepare(config: KillConfig, folder: Path, upto: str) -> Path:
     return data_dir
 
 
-def kill_when(process: subprocess.Popen, target: str, data_dir: Path, moment: float) -> bool:
+def kill_when(process: subprocess.Popen, target: str, data_dir: Path, moment: float, step_seconds: float) -> bool:
     """SIGKILL the process at `moment`: for a data stage, seconds after it starts writing; for training, a step
-    (the kill falls a random fraction of a step after that step is logged); for a checkpoint write, the step
+    (the kill falls a random fraction of a step after that step is logged: of 0.1 s, or with NVMe of the step's
+    `step_seconds`, so that it lands anywhere in the next step's swapping); for a checkpoint write, the step
     whose checkpoint is hit as soon as its folder appears, before `latest` names it. Whether it was killed
     (it may have finished first)."""
     if target in STAGE_OF:
         while process.poll() is None and not building(data_dir, target):
             time.sleep(0.002)
     started = time.perf_counter()
-    ckpt_dir = data_dir / "checkpoints" / "kill"
+    run = TRAIN_RUNS.get(target, (None, "kill"))[1]
+    ckpt_dir = data_dir / "checkpoints" / run
     while process.poll() is None:
         if target in STAGE_OF and time.perf_counter() - started >= moment:
             break
-        if target == "train" and len(read_metrics(data_dir / "runs" / "kill")) >= int(moment):
-            time.sleep((moment % 1) * 0.1)
+        if target in ("train", "nvme") and len(read_metrics(data_dir / "runs" / run)) >= int(moment):
+            time.sleep((moment % 1) * (step_seconds if target == "nvme" else 0.1))
             break
         if target == "checkpoint" and (ckpt_dir / tag_for(int(moment))).is_dir():
             try:
@@ -132,17 +140,17 @@ def kill_when(process: subprocess.Popen, target: str, data_dir: Path, moment: fl
 
 
 def partial_state(data_dir: Path) -> list[str]:
-    """What the kill left half-done: stage outputs still being built, checkpoints not (yet) `latest`."""
+    """What the kill left half-done: stage outputs still being built, checkpoints not (yet) `latest`, NVMe swap
+    files (which the next start replaces)."""
     found = [str(p.relative_to(data_dir)) for p in sorted(data_dir.glob("*/.*.partial"))]
-    ckpt_dir = data_dir / "checkpoints" / "kill"
-    if ckpt_dir.is_dir():
+    for ckpt_dir in sorted((data_dir / "checkpoints").glob("*")):
         try:
             current = latest_tag(ckpt_dir)
         except PipelineError as error:
             return [*found, f"latest unreadable: {error}"]
-        found += [f"checkpoints/kill/{p.name} (not latest)" for p in sorted(ckpt_dir.glob("step_*"))
+        found += [f"checkpoints/{ckpt_dir.name}/{p.name} (not latest)" for p in sorted(ckpt_dir.glob("step_*"))
                   if current is None or p.name > current]
-    return found
+    return found + [f"{p.relative_to(data_dir)} (NVMe swap)" for p in sorted((data_dir / "nvme").glob("*"))]
 
 
 def corrupt_outputs(data_dir: Path) -> list[str]:
@@ -155,12 +163,12 @@ def corrupt_outputs(data_dir: Path) -> list[str]:
             verify_files(folder, read_manifest(folder, json.loads(manifest.read_text())["stage"]))
         except (PipelineError, ValueError, KeyError) as error:
             problems.append(f"{folder}: {error}")
-    ckpt_dir = data_dir / "checkpoints" / "kill"
-    try:
-        if ckpt_dir.is_dir() and latest_tag(ckpt_dir) is not None:
-            load_weights(ckpt_dir)
-    except PipelineError as error:
-        problems.append(f"{ckpt_dir}: {error}")
+    for ckpt_dir in sorted((data_dir / "checkpoints").glob("*")):
+        try:
+            if latest_tag(ckpt_dir) is not None:
+                load_weights(ckpt_dir)
+        except PipelineError as error:
+            problems.append(f"{ckpt_dir}: {error}")
     return problems
 
 
@@ -169,9 +177,9 @@ def stage_files(data_dir: Path, target: str) -> list[tuple[str, int, str]]:
     return sorted((f["path"], f["bytes"], f["sha256"]) for f in read_manifest(folder, target)["files"])
 
 
-def training_result(data_dir: Path) -> tuple[list[tuple[int, float]], dict[str, Any]]:
-    metrics = [(m["step"], m["loss"]) for m in read_metrics(data_dir / "runs" / "kill")]
-    return metrics, load_weights(data_dir / "checkpoints" / "kill")[1]
+def training_result(data_dir: Path, run: str) -> tuple[list[tuple[int, float]], dict[str, Any]]:
+    metrics = [(m["step"], m["loss"]) for m in read_metrics(data_dir / "runs" / run)]
+    return metrics, load_weights(data_dir / "checkpoints" / run)[1]
 
 
 def same_training(a: tuple[list, dict], b: tuple[list, dict]) -> bool:
@@ -185,15 +193,21 @@ def main() -> None:
     reference = config.work / "reference" / "data"
     durations = {target: work_seconds(stage_command(target, config, reference), reference, target)
                  for target in STAGE_OF}
-    durations["train"] = run_to_end(stage_command("train", config, reference))
-    expected_training = training_result(reference)
+    expected_training = {}
+    for target in dict.fromkeys(t for t in config.targets.split(",") if t in TRAIN_RUNS):
+        run = TRAIN_RUNS[target][1]
+        if run not in expected_training:
+            durations[run] = run_to_end(stage_command(target, config, reference))
+            expected_training[run] = training_result(reference, run)
+    step_seconds = {run: statistics.median(m["step_seconds"] for m in read_metrics(reference / "runs" / run))
+                    for run in expected_training}
     trials = []
     for number in range(config.trials):
         targets = config.targets.split(",")
         target = targets[number % len(targets)]
         if target in STAGE_OF:
             moment = rng.uniform(0.0, 0.95) * durations[target]
-        elif target == "train":
+        elif target in ("train", "nvme"):
             moment = rng.randrange(1, config.train_steps) + rng.random()
         else:
             moment = rng.randrange(config.checkpoint_every, config.train_steps + 1, config.checkpoint_every)
@@ -204,7 +218,8 @@ def main() -> None:
             data_dir = prepare(config, config.work / f"trial{number:03d}", target)
             command = stage_command(target, config, data_dir)
             process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            killed = kill_when(process, target, data_dir, moment)
+            run = TRAIN_RUNS.get(target, (None, ""))[1]
+            killed = kill_when(process, target, data_dir, moment, step_seconds.get(run, 0.0))
             if killed or target not in STAGE_OF:
                 break
             moment /= 2
@@ -213,7 +228,8 @@ def main() -> None:
         if target in STAGE_OF:
             identical = stage_files(data_dir, target) == stage_files(reference, target)
         else:
-            identical = same_training(training_result(data_dir), expected_training)
+            run = TRAIN_RUNS[target][1]
+            identical = same_training(training_result(data_dir, run), expected_training[run])
         trials.append({"target": target, "killed": killed, "moment": round(moment, 3),
                        "left_partial": partial,
                        "identical": identical, "corrupt": corrupt})

@@ -132,9 +132,7 @@ def host_bytes(ds: dict[str, Any], shape: Shape, world_size: int = 1, on_gpu: bo
         locked[0] += param_buffers if on_gpu else 0.0
         kinds["model"] += element * sum(n for n, swapped in zip(swap.partitions, swap.swapped, strict=True)
                                         if not swapped)
-        if any(swap.swapped):  # the swapper's own buffer for writing a sub-group's parameters back
-            kinds["swap_buffers"] += element * max(map(sum, nvme.sub_groups(
-                swap.partitions, zero.get("sub_group_size", nvme.DEFAULT_SUB_GROUP))))
+        kinds["swap_buffers"] += element * swap.write_back
     elif params_device == "cpu":  # ZeRO-3's offloaded partitions
         pin_params = on_gpu and zero["offload_param"].get("pin_memory", False)
         kinds["model"] += pinned_bytes(element * partition, pin_params)
@@ -144,8 +142,9 @@ def host_bytes(ds: dict[str, Any], shape: Shape, world_size: int = 1, on_gpu: bo
     if not on_gpu:  # a CPU accelerator: the weights and DeepSpeed's buckets a GPU would hold
         kinds["device"] += element * ((params + largest) if stage < 3 else zero.get("reduce_bucket_size", 5e8))
     built_on_host = stage == 3 or not on_gpu
-    # the save holds one whole fp32 tensor at a time, or with the optimizer on NVMe one sub-group's weights
-    saved = max(map(sum, groups)) if optimizer_device == "nvme" else largest
+    # the save holds one whole fp32 tensor at a time (ZeRO-3's gather two: its buffer and the copy it returns), or
+    # with the optimizer on NVMe one sub-group's weights read from its swap file
+    saved = max(map(sum, groups)) if optimizer_device == "nvme" else (2 if stage == 3 else 1) * largest
     return {**kinds, "save": 4 * saved, "build": 4 * params if built_on_host else 0.0, "pinned": locked[0]}
 
 

@@ -70,6 +70,7 @@ class ParamSwap:
     layer: int  # the elements of one decoder layer's matrices on one rank
     ahead: int  # the most swapped matrices of one decoder layer: what reading a layer ahead takes
     last_layer: int  # the swapped elements of the last decoder layer
+    write_back: int  # elements of the swapper's buffer for writing back a sub-group beyond max_in_cpu (0: none)
 
     @property
     def largest_swapped(self) -> int:
@@ -117,10 +118,12 @@ def param_swap(ds: dict[str, Any], shape: Shape, world_size: int = 1) -> ParamSw
     partitions = [math.ceil(numel / world_size) for numel in matrices]
     in_cpu = min(sum(partitions), _number(offload.get("max_in_cpu"), DEFAULT_MAX_IN_CPU))
     smallest = max(MIN_SWAP_BYTES, ds.get("aio", {}).get("block_size", MIN_SWAP_BYTES)) / element_bytes(ds)
-    swapped, end = [], 0
+    swapped, end, write_back = [], 0, 0
     for group in sub_groups(partitions, _number(zero.get("sub_group_size"), DEFAULT_SUB_GROUP)):
         end += sum(group)
         swapped += [end > in_cpu and numel >= smallest for numel in group]
+        if end > in_cpu:  # no room in host RAM: DeepSpeed keeps a buffer as large as the largest such sub-group
+            write_back = max(write_back, sum(group))
     forward = list(range(len(matrices))) + ([0] if shape.tied_embeddings else [])
     per_layer = len(shape.layer_matrices())
     first = 2 if shape.position_parameters else 1  # the embeddings come first
@@ -128,7 +131,7 @@ def param_swap(ds: dict[str, Any], shape: Shape, world_size: int = 1) -> ParamSw
     ahead = max(sum(swapped[j] for j in layer) for layer in layers)
     last = sum(partitions[j] for j in layers[-1] if swapped[j])
     return ParamSwap(partitions, swapped, forward + forward[::-1], math.ceil(sum(shape.layer_matrices()) / world_size),
-                     ahead, last)
+                     ahead, last, write_back)
 
 
 def _number(value: Any, default: float) -> float:
@@ -361,23 +364,26 @@ class SwapMeter:
 # tried with the best of those before it, the rest at DeepSpeed's defaults.
 AIO_SWEEP = {"block_size": [262144, 1048576, 4194304], "queue_depth": [8, 32, 128],
              "thread_count": [1, 2, 4, 8], "single_submit": [False, True], "overlap_events": [True, False]}
+# Requests submitted before each wait: the optimizer swapper's four tensors of a sub-group (weights, two moments,
+# gradients) at a time.
+IN_FLIGHT = 4
 AIO_DEFAULTS = {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False,
                 "overlap_events": True}
 
 
 def measure_disk(folder: Path, gib: float = 1.0, sweep: dict[str, list[Any]] | None = None) -> dict[str, Any]:
     """Read and write speed of the disk holding `folder` through DeepSpeed's own async I/O (the aio handle its
-    swappers use, O_DIRECT: the page cache is bypassed), as the optimizer swapper moves data: one large pinned
-    tensor per request, `gib` GiB each way per trial. The aio settings are swept one at a time (AIO_SWEEP), each
-    trial written then read back; returns every trial and the best settings (least time to write and read the
-    same bytes, as a training step swaps about as much in as out)."""
+    swappers use, O_DIRECT: the page cache is bypassed), as the optimizer swapper moves data: large pinned tensors,
+    IN_FLIGHT requests at a time, `gib` GiB each way per trial. The aio settings are swept one at a time
+    (AIO_SWEEP), each trial written then read back; returns every trial and the best settings (least time to write
+    and read the same bytes, as a training step swaps about as much in as out)."""
     import torch
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     aio = AsyncIOBuilder().load(verbose=False)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    request = 256 << 20
+    request = min(256 << 20, int(gib * (1 << 30)) // 4096 * 4096)  # O_DIRECT wants whole 4 KiB blocks
     requests = max(1, round(gib * (1 << 30) / request))
     path = folder / ".onecard-disk-probe.swp"
     trials, best = [], dict(AIO_DEFAULTS)
@@ -395,10 +401,12 @@ def measure_disk(folder: Path, gib: float = 1.0, sweep: dict[str, list[Any]] | N
                 buffer = handle.new_cpu_locked_tensor(request, torch.empty(0, dtype=torch.uint8))
                 buffer.random_(0, 255)
                 seconds = {}
-                for direction, call in (("write", handle.sync_pwrite), ("read", handle.sync_pread)):
+                for direction, call in (("write", handle.async_pwrite), ("read", handle.async_pread)):
                     started = time.perf_counter()
-                    for index in range(requests):
-                        call(buffer, f"{path}.{index}")
+                    for first in range(0, requests, IN_FLIGHT):  # as the optimizer swapper submits a sub-group
+                        for index in range(first, min(first + IN_FLIGHT, requests)):
+                            call(buffer, f"{path}.{index}", 0)
+                        handle.wait()
                     seconds[direction] = time.perf_counter() - started
                 handle.free_cpu_locked_tensor(buffer)
                 moved = requests * request / 1e9

@@ -80,6 +80,8 @@ class PlanConfig:
                                                                 "DeepSpeed's async I/O, sweeping its aio settings "
                                                                 "(about a minute, a few GB written); the best go "
                                                                 "into --write-config"})
+    disk_test_gib: float = field(default=1.0, metadata={"help": "GiB written and read back per setting "
+                                                                "--measure-disk tries"})
     disk_read_gbps: float | None = field(default=None, metadata={"help": "the swap disk's read speed, GB/s, instead "
                                                                           "of measuring it"})
     disk_write_gbps: float | None = field(default=None, metadata={"help": "its write speed, GB/s"})
@@ -156,7 +158,8 @@ def disk_speed(config: PlanConfig) -> dict[str, Any] | None:
         if config.nvme_path is None:
             raise PipelineError("--measure-disk needs --nvme-path: the folder on the disk NVMe offload would use.")
         log.info("measuring the disk of %s through DeepSpeed's async I/O", config.nvme_path)
-        return {**nvme.measure_disk(config.nvme_path), "source": f"measured in {config.nvme_path}"}
+        measured = nvme.measure_disk(config.nvme_path, config.disk_test_gib)
+        return {**measured, "source": f"measured in {config.nvme_path}"}
     if (config.disk_read_gbps is None) != (config.disk_write_gbps is None):
         raise PipelineError("give both --disk-read-gbps and --disk-write-gbps (or --measure-disk).")
     if config.disk_read_gbps is None:

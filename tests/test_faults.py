@@ -280,15 +280,18 @@ def test_a_disk_that_fills_during_a_data_stage_gives_a_clear_exit(data_copy: Pat
 
 @pytest.mark.slow
 def test_kill_9_then_the_same_command_gives_the_uninterrupted_result(tmp_path: Path) -> None:
-    """A few trials of bench/kill_bench.py (docs/RELIABILITY.md has the full tally): a data stage, and a
-    checkpoint write, each killed with SIGKILL and run again."""
+    """A few trials of bench/kill_bench.py (docs/RELIABILITY.md has the full tally): a data stage, a checkpoint
+    write, and training with everything swapped to NVMe (zero3_nvme, killed mid-step), each killed with SIGKILL and
+    run again."""
     out = tmp_path / "kill.json"
     result = subprocess.run(
-        [sys.executable, "bench/kill_bench.py", "--trials", "2", "--targets", "tokenize,checkpoint",
+        [sys.executable, "bench/kill_bench.py", "--trials", "3", "--targets", "tokenize,checkpoint,nvme",
          "--train-steps", "4", "--work", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(out.read_text())
-    assert (record["trials"], record["resumed_identical"], record["corrupt_artifacts"]) == (2, 2, 0), record
-    assert [(t["target"], t["killed"]) for t in record["per_trial"]] == [("tokenize", True), ("checkpoint", True)]
+    assert (record["trials"], record["resumed_identical"], record["corrupt_artifacts"]) == (3, 3, 0), record
+    assert [(t["target"], t["killed"]) for t in record["per_trial"]] == [("tokenize", True), ("checkpoint", True),
+                                                                         ("nvme", True)]
     assert any("not latest" in item for item in record["per_trial"][1]["left_partial"]), record["per_trial"][1]
+    assert any("NVMe swap" in item for item in record["per_trial"][2]["left_partial"]), record["per_trial"][2]

@@ -1,0 +1,57 @@
+"""The host-memory ledger: what each shipped config holds in host RAM, kind by kind, read off the live engine after
+the first step and at a checkpoint save, against the memory model that `onecard plan` and the preflight use."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from pipeline.ledger import KINDS
+from pipeline.shard_format import load_index
+from pipeline.train import TrainConfig
+from pipeline.train import run as train_run
+
+pytestmark = pytest.mark.slow  # builds a DeepSpeed engine per config and model
+
+CONFIGS = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))
+# The tiny preset, and four GPT-2 layers of width 384 whose larger matrices ZeRO-3 swaps to NVMe.
+MID = {"model_type": "gpt2", "n_layer": 4, "n_embd": 384, "n_head": 6, "n_positions": 64}
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def ledgers(tmp_path_factory: pytest.TempPathFactory, builtin_data: Path) -> dict[tuple[str, str], dict]:
+    """One step and a save of every shipped config on both models: each run's recorded ledger and estimate."""
+    folder = tmp_path_factory.mktemp("ledger")
+    data = folder / "data"
+    shutil.copytree(builtin_data, data)
+    index = load_index(data / "shards" / "builtin")
+    mid = folder / "config.json"
+    mid.write_text(json.dumps({**MID, "vocab_size": index["vocab_size"], "bos_token_id": index["eot_id"],
+                               "eos_token_id": index["eot_id"]}))
+    records = {}
+    for config in CONFIGS:
+        for size, model in (("tiny", {"preset": "tiny"}), ("mid", {"model": str(mid)})):
+            run = f"ledger-{config}-{size}"
+            train_run(TrainConfig(data_dir=data, deepspeed=str(REPO / "ds_configs" / f"{config}.json"),
+                                  run=run, seq_len=32, micro_batch_size=2, max_steps=1, checkpoint_every=1,
+                                  eval_every=0, **model))
+            records[config, size] = json.loads((data / "checkpoints" / run / "run.json").read_text())[
+                "host_memory"]
+    return records
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_memory_model_matches_the_ledger_kind_by_kind(ledgers: dict, config: str) -> None:
+    for size in ("tiny", "mid"):
+        measured, estimated = ledgers[config, size]["measured"], ledgers[config, size]["estimated"]
+        assert measured["other"] == 0, (size, measured)  # every engine tensor of 1 MiB or more has a kind
+        for kind in KINDS[:-1]:
+            assert measured[kind] == pytest.approx(estimated[kind], rel=0.1, abs=MIB), (size, kind)
+        # the save's peak, read off the kernel's peak RSS, never exceeds the estimate (freed heap memory the
+        # allocator reuses can make it smaller)
+        assert 0 <= measured["save"] <= 1.1 * estimated["save"] + MIB, (size, measured["save"], estimated["save"])
