@@ -10,6 +10,11 @@ gradients (what a bf16 model's backward gives), clipped at 1.0; the model comput
 master weights. Only the forward and backward differ from a bf16 run on a GPU: they compute in fp32 (from those
 bf16 weights, rounding the gradients to bf16), in both arms alike, because this CPU has no native bf16 (an AVX2
 CPU runs bf16 matmuls about 90 times slower than fp32) — so the difference between the arms is the states' alone.
+
+A third arm, `bf16-sr`, asks whether stochastic rounding (an update below half a bf16 step of its weight then
+lands with the right probability instead of never) recovers what plain rounding loses: neither DeepSpeed nor
+PyTorch offers it, torchao's AdamW does (`pip install torchao`; `torchao.optim._AdamW(bf16_stochastic_round=True)`,
+its states in bf16 as well) — a measurement of the remedy, not a shipped config.
 """
 
 from __future__ import annotations
@@ -35,14 +40,14 @@ from pipeline.shard_format import load_index
 from pipeline.stage import parse_config
 from pipeline.train import lr_ratio
 
-ARMS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ARMS = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-sr": torch.bfloat16}
 
 
 @dataclass
 class StatesBenchConfig:
     data_dir: Path = field(default=Path("data"), metadata={"help": "onecard data directory with the shards"})
     corpus: str = field(default="gutenberg", metadata={"help": "corpus whose shards to train on"})
-    arms: str = field(default="fp32,bf16", metadata={"help": "which state precisions to train"})
+    arms: str = field(default="fp32,bf16", metadata={"help": "which arms to train: fp32, bf16, bf16-sr"})
     layers: int = field(default=6, metadata={"help": "GPT-2 layers"})
     width: int = field(default=384, metadata={"help": "GPT-2 width (6 x 384 with a 4,096-token vocabulary: 12.2M)"})
     seq_len: int = field(default=128, metadata={"help": "sequence length"})
@@ -88,12 +93,21 @@ def train_arm(config: StatesBenchConfig, arm: str) -> dict[str, Any]:
     adam = load_ds_config(REPO / "ds_configs" / "zero2_offload.json")["optimizer"]["params"]
     groups = [{**group, "params": [masters[id(p)] for p in group["params"]]}
               for group in optimizer_groups(model, adam["weight_decay"])]
-    optimizer = DeepSpeedCPUAdam(groups, lr=adam["lr"], betas=adam["betas"], eps=adam["eps"], adamw_mode=True,
-                                 fp32_optimizer_states=dtype == torch.float32)
+    if arm == "bf16-sr":
+        from torchao.optim import _AdamW
+
+        optimizer = _AdamW(groups, lr=adam["lr"], betas=adam["betas"], eps=adam["eps"], bf16_stochastic_round=True)
+    else:
+        optimizer = DeepSpeedCPUAdam(groups, lr=adam["lr"], betas=adam["betas"], eps=adam["eps"], adamw_mode=True,
+                                     fp32_optimizer_states=dtype == torch.float32)
     curve, losses, started = [], [], time.perf_counter()
     for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = adam["lr"] * lr_ratio(step, config.warmup_steps, config.steps, 0.1)
+        for group in optimizer.param_groups:  # torchao keeps the rate in a tensor, to be changed in place
+            rate = adam["lr"] * lr_ratio(step, config.warmup_steps, config.steps, 0.1)
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
         loss = lm_loss(model, *batches.get(step, 0, 0))
         loss.backward()
         for param in model.parameters():  # a bf16 backward's gradients

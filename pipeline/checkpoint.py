@@ -145,14 +145,12 @@ def save(engine: Any, model: torch.nn.Module, ckpt_dir: Path, step: int, client_
 
     tag = tag_for(step)
     folder = Path(ckpt_dir) / tag
-    if folder.exists():
-        if latest_tag(ckpt_dir) == tag:
-            return  # already saved: a periodic checkpoint that is also the final one
-        if dist.get_rank() == 0:
-            shutil.rmtree(folder)  # half-written by a run that crashed while saving; `latest` never pointed here
-        dist.barrier()
+    if folder.exists() and latest_tag(ckpt_dir) == tag:
+        return  # already saved: a periodic checkpoint that is also the final one
+    dist.barrier()  # every rank has looked at the folder before rank 0 makes it (a rank that looked later would wait)
     try:
         if dist.get_rank() == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # half-written by a crashed save; `latest` never pointed here
             folder.mkdir(parents=True)
         write_fp32_weights(model, folder / WEIGHTS)  # a collective: every rank takes part
         dist.barrier()
@@ -258,7 +256,7 @@ def _restore_nvme_optimizer_state(engine: Any, ckpt_dir: Path, tag: str) -> None
     sub-group's moments just after DeepSpeed swaps it in for its first step, which then adopts and swaps them out —
     so one sub-group's moments are in memory at a time, never the model's (12 bytes per parameter: 18.7 GB for
     GPT-2 XL, which killed its resume on a 24 GB machine). Checked by
-    tests/test_train.py::test_resume_is_exact_with_nvme_offload_in_new_processes.
+    tests/test_nvme.py::test_resume_with_swapped_layers_is_exact_in_a_new_process.
     """
     from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
     from deepspeed.checkpoint.ds_to_universal import dp_index_to_str
@@ -370,13 +368,13 @@ def write_fp32_weights(model: torch.nn.Module, path: Path) -> None:
         except OSError as error:
             failure = error
         for name, value in _fp32_values(params):
-            if file is None or failure is not None:
-                continue
-            try:
-                file.write(value.detach().to("cpu", torch.float32).contiguous().numpy().data)
-            except OSError as error:
-                failure = error
-            assert failure is not None or file.tell() == 8 + len(text) + header[name]["data_offsets"][1]
+            if file is not None and failure is None:
+                try:
+                    file.write(value.detach().to("cpu", torch.float32).contiguous().numpy().data)
+                except OSError as error:
+                    failure = error
+                assert failure is not None or file.tell() == 8 + len(text) + header[name]["data_offsets"][1]
+            del value  # before the next one is gathered: one whole tensor at a time
     if failure is not None:
         raise failure
 

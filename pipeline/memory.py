@@ -142,10 +142,14 @@ def host_bytes(ds: dict[str, Any], shape: Shape, world_size: int = 1, on_gpu: bo
     if not on_gpu:  # a CPU accelerator: the weights and DeepSpeed's buckets a GPU would hold
         kinds["device"] += element * ((params + largest) if stage < 3 else zero.get("reduce_bucket_size", 5e8))
     built_on_host = stage == 3 or not on_gpu
-    # the save holds one whole fp32 tensor at a time (ZeRO-3's gather two: its buffer and the copy it returns), or
-    # with the optimizer on NVMe one sub-group's weights read from its swap file
-    saved = max(map(sum, groups)) if optimizer_device == "nvme" else (2 if stage == 3 else 1) * largest
-    return {**kinds, "save": 4 * saved, "build": 4 * params if built_on_host else 0.0, "pinned": locked[0]}
+    # the save holds one whole fp32 tensor at a time (ZeRO-3's gather two: its buffer and the copy it returns; bf16
+    # masters: the gathered bf16 tensor and its fp32 copy), or with the optimizer on NVMe one sub-group's weights
+    # read from its swap file
+    if optimizer_device == "nvme":
+        saved = 4 * max(map(sum, groups))
+    else:
+        saved = (8 if stage == 3 else 4 + (master if master < 4 else 0)) * largest
+    return {**kinds, "save": saved, "build": 4 * params if built_on_host else 0.0, "pinned": locked[0]}
 
 
 def host_total(kinds: dict[str, float], ranks: int = 1) -> float:

@@ -40,6 +40,10 @@ MEASURED = shipped("pipeline.measured", MEASURED_AT)
 STATES_MEASURED_AT = "docs/bench/bf16-states"
 STATES_MEASURED = shipped("pipeline.bf16_states", STATES_MEASURED_AT)
 BF16_STATES_MOST_LOSS = 0.01
+# Without a disk of the user's (--measure-disk, --disk-*-gbps), the NVMe days use the development machine's disk as
+# bench/nvme_bench.py measured it, and say so.
+DISK_MEASURED_AT = "docs/bench/nvme-cpu/disk.json"
+DISK_MEASURED = shipped("pipeline.nvme_measured", "docs/bench/nvme-cpu")
 TOKENS_PER_PARAMETER = 20  # compute-optimal (Hoffmann et al., 2022)
 # A CUDA card not in the table is taken to be a recent one: `auto` would train it in bf16.
 UNKNOWN_CARD = precisions.Choice("bf16", "auto: a card not in the table, taken to have bf16 tensor cores")
@@ -162,9 +166,15 @@ def disk_speed(config: PlanConfig) -> dict[str, Any] | None:
         return {**measured, "source": f"measured in {config.nvme_path}"}
     if (config.disk_read_gbps is None) != (config.disk_write_gbps is None):
         raise PipelineError("give both --disk-read-gbps and --disk-write-gbps (or --measure-disk).")
-    if config.disk_read_gbps is None:
+    if config.disk_read_gbps is not None:
+        return {"read_gbps": config.disk_read_gbps, "write_gbps": config.disk_write_gbps, "source": "given"}
+    record = DISK_MEASURED / "disk.json"
+    if not record.is_file():
         return None
-    return {"read_gbps": config.disk_read_gbps, "write_gbps": config.disk_write_gbps, "source": "given"}
+    measured = json.loads(record.read_text())
+    return {"read_gbps": measured["read_gbps"], "write_gbps": measured["write_gbps"],
+            "source": f"not yours: the development machine's disk, {DISK_MEASURED_AT} ({measured['date']}); "
+                      "--measure-disk measures yours"}
 
 
 def plan(config: PlanConfig) -> dict[str, Any]:

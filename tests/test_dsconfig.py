@@ -100,4 +100,17 @@ def test_unwritable_nvme_path_is_refused_before_training(tmp_path: Path) -> None
     with pytest.raises(PipelineError, match=r"the NVMe swap folder .*a-file/r is not writable"):
         check_nvme(ds)
     check_nvme(merge(load_ds_config(REPO / "ds_configs" / "zero3_nvme.json"), nvme_path=str(tmp_path / "ok")))
-    assert (tmp_path / "ok" / "r").is_dir()
+    assert list(tmp_path.iterdir()) == [tmp_path / "a-file"]  # probed where it would be made: nothing created
+
+
+def test_the_install_builds_every_op_the_configs_load() -> None:
+    """`make install` runs launch/build_ops.py, so that no training run compiles DeepSpeed's ops at its start: CPU
+    Adam, async I/O for NVMe offload (libaio is there: the Makefile installs it) and the CPU accelerator's
+    communication op. After it, a config's op loads build nothing."""
+    from pipeline.dsconfig import build_ops, load_ops
+
+    recipe = (REPO / "Makefile").read_text().split("$(INSTALLED): pyproject.toml")[1].split("\n\n")[0]
+    assert "$(PY) launch/build_ops.py" in recipe
+    ops = build_ops()
+    assert {"cpu_adam", "async_io", "deepspeed_shm_comm"} <= set(ops)
+    assert not any(built for _, built in load_ops(load_ds_config(REPO / "ds_configs" / "zero3_nvme.json")).values())

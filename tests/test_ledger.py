@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
+from pipeline.dsconfig import load_ds_config
 from pipeline.ledger import KINDS
+from pipeline.precision import bf16_states
 from pipeline.shard_format import load_index
 from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
@@ -35,11 +37,12 @@ def ledgers(tmp_path_factory: pytest.TempPathFactory, builtin_data: Path) -> dic
                                "eos_token_id": index["eot_id"]}))
     records = {}
     for config in CONFIGS:
+        path = REPO / "ds_configs" / f"{config}.json"
+        precision = None if bf16_states(load_ds_config(path)) else "fp32"  # bf16 states train in bf16 only
         for size, model in (("tiny", {"preset": "tiny"}), ("mid", {"model": str(mid)})):
             run = f"ledger-{config}-{size}"
-            train_run(TrainConfig(data_dir=data, deepspeed=str(REPO / "ds_configs" / f"{config}.json"),
-                                  run=run, seq_len=32, micro_batch_size=2, max_steps=1, checkpoint_every=1,
-                                  eval_every=0, **model))
+            train_run(TrainConfig(data_dir=data, deepspeed=str(path), run=run, seq_len=32, micro_batch_size=2,
+                                  max_steps=1, checkpoint_every=1, eval_every=0, precision=precision, **model))
             records[config, size] = json.loads((data / "checkpoints" / run / "run.json").read_text())[
                 "host_memory"]
     return records

@@ -114,13 +114,15 @@ def assert_same_run(data_dir: Path, straight: list[dict], resumed: list[dict]) -
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("config", ["zero1_offload", "zero2_offload", "zero3_offload"])
+@pytest.mark.parametrize("config", ["zero1_offload", "zero2_offload", "zero2_offload_bf16_states", "zero3_offload"])
 def test_resume_is_exact(data_copy: Path, config: str) -> None:
-    # Resuming late matters: CPU Adam's bias correction must continue bit for bit (see checkpoint.py).
-    straight = train(data_copy, config, "straight", checkpoint_every=3)
-    train(data_copy, config, "resumed", stop_after=5)
+    # Resuming late matters: CPU Adam's bias correction must continue bit for bit (see checkpoint.py). bf16 states
+    # train in bf16, which the config asks for (the others in fp32).
+    options = {"precision": None} if "bf16_states" in config else {}
+    straight = train(data_copy, config, "straight", checkpoint_every=3, **options)
+    train(data_copy, config, "resumed", stop_after=5, **options)
     assert latest_tag(data_copy / "checkpoints" / "resumed") == "step_00000005"
-    assert_same_run(data_copy, straight, train(data_copy, config, "resumed"))
+    assert_same_run(data_copy, straight, train(data_copy, config, "resumed", **options))
 
 
 def test_finished_run_is_not_trained_again_and_changed_settings_are_refused(data_copy: Path) -> None:
@@ -232,10 +234,14 @@ def test_the_canonical_command_works_as_written(data_copy: Path) -> None:
 
     (started,) = runs()
     assert re.fullmatch(r"builtin-tiny-zero3_offload-\d{8}", started)
-    # the preflight's host estimate, against the peak RSS this process really reached
+    # the preflight's host estimate, against the peak RSS this process really reached; on a CPU accelerator ZeRO-3's
+    # 200 MB gradient bucket is allocated but resident only as far as the tiny model's gradients fill it
     metrics = read_metrics(data_copy / "runs" / started)
     peak = max(m["peak_host_rss_gib"] for m in metrics)
-    assert 0.6 * peak <= metrics[0]["estimated_host_gib"] <= 1.6 * peak, (metrics[0]["estimated_host_gib"], peak)
+    bucket = json.loads((data_copy / "checkpoints" / started / "run.json").read_text())["host_memory"]["estimated"][
+        "device"] / (1 << 30)
+    resident = metrics[0]["estimated_host_gib"] - bucket
+    assert 0.6 * peak <= resident <= 1.6 * peak, (resident, peak)
     assert latest_tag(data_copy / "checkpoints" / started) == "step_00000003"
     for folder in ("checkpoints", "runs"):  # as if it had started on New Year's Day 2026
         (data_copy / folder / started).rename(data_copy / folder / "builtin-tiny-zero3_offload-20260101")
