@@ -9,7 +9,7 @@ op both configs run, with its states in the arm's precision) on master weights o
 gradients (what a bf16 model's backward gives), clipped at 1.0; the model computes from the bf16 copy of the
 master weights. Only the forward and backward differ from a bf16 run on a GPU: they compute in fp32 (from those
 bf16 weights, rounding the gradients to bf16), in both arms alike, because this CPU has no native bf16 (an AVX2
-CPU runs bf16 matmuls about 90 times slower than fp32) — so the difference between the arms is the states' alone.
+CPU emulates bf16 matmuls many times slower than fp32) — so the difference between the arms is the states' alone.
 
 A third arm, `bf16-sr`, asks whether stochastic rounding (an update below half a bf16 step of its weight then
 lands with the right probability instead of never) recovers what plain rounding loses: neither DeepSpeed nor
