@@ -25,6 +25,7 @@ from typing import Any
 from common import REPO, write_result
 
 from pipeline import nvme
+from pipeline.artifacts import bytes_in
 from pipeline.checkpoint import latest_tag
 from pipeline.metrics import read_metrics
 from pipeline.precision import cpu_flags, cpu_model
@@ -78,7 +79,7 @@ def run_config(config: NvmeBenchConfig, ds_config: str, disk: dict[str, Any] | N
     total = config.steps + 1
     first = launch(config, ds_config, name, "--max-steps", str(total), "--stop-after", str(config.steps))
     saved = checkpoints / name / latest_tag(checkpoints / name)
-    checkpoint_bytes = sum(p.stat().st_size for p in saved.rglob("*") if p.is_file())
+    checkpoint_bytes = bytes_in(saved)
     host_memory = json.loads((checkpoints / name / "run.json").read_text())["host_memory"]
     second = launch(config, ds_config, name, "--max-steps", str(total), "--checkpoint-every", "0")
     metrics = read_metrics(config.data_dir / "runs" / name)

@@ -101,11 +101,17 @@ class DiskNeed(NamedTuple):
     what: str
 
 
-def _existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists: where a folder that is yet to be made would be."""
     probe = Path(path).absolute()
     while not probe.exists():
         probe = probe.parent
     return probe
+
+
+def bytes_in(folder: Path) -> int:
+    """What the files under `folder` take (0 when it does not exist)."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
 
 
 def require_free_space(path: Path, needed: float, what: str, fix: str = "") -> None:
@@ -118,9 +124,9 @@ def require_disk(needs: list[DiskNeed], fix: str = "") -> None:
     free: each filesystem is checked for the sum of its needs, and the message names every one of them."""
     by_filesystem: dict[int, list[DiskNeed]] = {}
     for need in needs:
-        by_filesystem.setdefault(os.stat(_existing(need.folder)).st_dev, []).append(need)
+        by_filesystem.setdefault(os.stat(nearest_existing(need.folder)).st_dev, []).append(need)
     for shared in by_filesystem.values():
-        free = shutil.disk_usage(_existing(shared[0].folder)).free
+        free = shutil.disk_usage(nearest_existing(shared[0].folder)).free
         needed = sum(need.bytes for need in shared)
         if free >= needed:
             continue

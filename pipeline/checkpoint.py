@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 
 from pipeline.artifacts import (
     DiskNeed,
+    bytes_in,
     read_manifest,
     sha256_json,
     verify_files,
@@ -129,7 +130,7 @@ def next_checkpoint_need(ckpt_dir: Path, n_params: int, ds: dict[str, Any]) -> D
 
     tag = latest_tag(ckpt_dir) if Path(ckpt_dir).is_dir() else None
     if tag:
-        checkpoint_bytes = sum(p.stat().st_size for p in (Path(ckpt_dir) / tag).rglob("*") if p.is_file())
+        checkpoint_bytes = bytes_in(Path(ckpt_dir) / tag)
     else:
         module = element_bytes(ds) if ds["zero_optimization"]["stage"] < 3 else 0
         checkpoint_bytes = n_params * (16 + module)

@@ -16,7 +16,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from pipeline.nvme import AUTO_KEYS
+from pipeline.artifacts import nearest_existing
+from pipeline.nvme import AUTO_KEYS, swap_folders
 from pipeline.precision import precision_of
 from pipeline.stage import PipelineError
 
@@ -163,10 +164,8 @@ def _check_batch(ds: dict[str, Any], source: Path | str, world_size: int) -> Non
 def check_nvme(ds: dict[str, Any]) -> None:
     """Before anything is allocated or written: NVMe offload needs libaio, and a swap folder that can be made and
     written (probed in its nearest existing parent)."""
-    zero = ds.get("zero_optimization", {})
-    paths = {zero[key]["nvme_path"] for key in ("offload_param", "offload_optimizer")
-             if zero.get(key, {}).get("device") == "nvme"}
-    if not paths:
+    folders = swap_folders(ds)
+    if not folders:
         return
     _check_cuda_arch_list()
     from deepspeed.ops.op_builder import AsyncIOBuilder
@@ -177,11 +176,8 @@ def check_nvme(ds: dict[str, Any]) -> None:
             "`sudo apt-get install libaio-dev` (or set CFLAGS/LDFLAGS to a libaio you built), or pick a config "
             "without NVMe offload such as ds_configs/zero3_offload.json."
         )
-    for path in sorted(paths):
-        folder = Path(path)
-        existing = folder
-        while not existing.exists():  # probed where it would be made: nothing is created before the preflight
-            existing = existing.parent
+    for folder in folders:
+        existing = nearest_existing(folder)  # probed where it would be made: nothing is created before the preflight
         try:
             if not existing.is_dir():
                 raise NotADirectoryError(20, "Not a directory")

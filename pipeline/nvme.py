@@ -247,11 +247,6 @@ def step_traffic(ds: dict[str, Any], shape: Shape, world_size: int = 1) -> tuple
     return read, written
 
 
-def bytes_in(folder: Path) -> int:
-    """What the files under `folder` take (0 when it does not exist)."""
-    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
-
-
 def fix_cpu_parameter_swapping() -> None:
     """Make ZeRO-3 parameter offload to NVMe on DeepSpeed 0.19's CPU accelerator (the tests and the CPU
     measurements) behave as it does beside a GPU. Two faults, neither on a GPU's path:

@@ -300,10 +300,11 @@ def recommendable(entry: dict[str, Any]) -> bool:
     return cost is not None and cost <= BF16_STATES_MOST_LOSS
 
 
-def written_config(result: dict[str, Any], settled: dict[str, Any], nvme_path: Path | None) -> dict[str, Any]:
-    """The recommended shipped config as the plan has it: its micro-batch and accumulation, its NVMe buffers derived
-    for the model, the measured disk's best aio settings and the swap folder; the precision left to the hardware."""
-    chosen = next(c for c in result["configs"] if c["config"] == result["recommended"])
+def written_config(chosen: dict[str, Any], settled: dict[str, Any], disk: dict[str, Any] | None,
+                   nvme_path: Path | None) -> dict[str, Any]:
+    """The recommended shipped config (its plan entry `chosen`, `settled` for the model) as the plan has it: its
+    micro-batch and accumulation, its NVMe buffers derived for the model, the measured disk's best aio settings and
+    the swap folder; the precision left to the hardware."""
     ds = load_ds_config(CONFIGS / Path(chosen["config"]).name)
     ds.update(train_micro_batch_size_per_gpu=chosen["micro_batch_size"],
               gradient_accumulation_steps=chosen["grad_accum"])
@@ -316,8 +317,8 @@ def written_config(result: dict[str, Any], settled: dict[str, Any], nvme_path: P
         elif name in zero:
             zero[name] = derived[name]
     if nvme.swap_folders(ds):
-        if result["disk"] and "best" in result["disk"]:
-            ds["aio"] = nvme.aio_section(result["disk"]["best"])
+        if disk and "best" in disk:
+            ds["aio"] = nvme.aio_section(disk["best"])
         for key in ("offload_param", "offload_optimizer"):
             if nvme_path is not None and zero.get(key, {}).get("device") == "nvme":
                 zero[key]["nvme_path"] = str(Path(nvme_path).absolute())
@@ -335,7 +336,7 @@ def run(config: PlanConfig) -> dict[str, Any]:
             raise PipelineError("no shipped config fits this card and machine, so there is none to write: add "
                                 "host RAM or NVMe space, lower --seq-len, or pick a smaller --preset.")
         chosen = next(c for c in result["configs"] if c["config"] == result["recommended"])
-        ds = written_config(result, settled[chosen["config"]], config.nvme_path)
+        ds = written_config(chosen, settled[chosen["config"]], result["disk"], config.nvme_path)
         config.write_config.write_text(json.dumps(ds, indent=2) + "\n")
         log.info("wrote %s (%s with micro-batch %d x %d accumulation): train with deepspeed launch/train.py "
                  "--deepspeed %s%s", config.write_config, chosen["config"], chosen["micro_batch_size"],

@@ -33,7 +33,7 @@ import torch
 
 from pipeline import checkpoint, families, ledger, memory, nvme, preflight, pretrained
 from pipeline import precision as precisions
-from pipeline.artifacts import DiskNeed, input_entry, require_disk, write_json_atomic
+from pipeline.artifacts import DiskNeed, bytes_in, input_entry, require_disk, write_json_atomic
 from pipeline.data import TokenSequences, TrainBatches, micro_batch_loader
 from pipeline.distributed import (
     StopSignal,
@@ -500,7 +500,7 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
 def start_disk_needs(config: TrainConfig, ds: dict[str, Any], ckpt_dir: Path, params: int) -> list[DiskNeed]:
     """What the run will write before its first save completes: DeepSpeed's NVMe swap (less what a previous session's
     swap files, which DeepSpeed replaces, already take) and, when it saves at all, the next checkpoint."""
-    needs = [need._replace(bytes=max(0.0, need.bytes - nvme.bytes_in(need.folder)))
+    needs = [need._replace(bytes=max(0.0, need.bytes - bytes_in(need.folder)))
              for need in nvme.swap_needs(ds, params)]
     if config.checkpoint_every or config.stop_after:
         needs.append(checkpoint.next_checkpoint_need(ckpt_dir, params, ds))
