@@ -33,6 +33,7 @@ from common import REPO, write_result
 
 from pipeline.data import TokenSequences, TrainBatches
 from pipeline.dsconfig import load_ds_config
+from pipeline.evaluate import validation_loss
 from pipeline.families import config_from, for_training
 from pipeline.model import FUSED_GELU, build, lm_loss, optimizer_groups
 from pipeline.precision import cpu_flags, cpu_model
@@ -65,16 +66,6 @@ def model_for(config: StatesBenchConfig, vocab_size: int, eot_id: int) -> torch.
               "n_positions": config.seq_len, "vocab_size": vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id}
     torch.manual_seed(config.seed)
     return build(for_training(config_from(values, "bench"), 0.0, FUSED_GELU), "cpu").train()
-
-
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, val: TokenSequences, config: StatesBenchConfig) -> float:
-    count = min(len(val), config.eval_tokens // config.seq_len)
-    total = 0.0
-    for begin in range(0, count, config.micro_batch_size):
-        rows = torch.from_numpy(val.get(list(range(begin, min(begin + config.micro_batch_size, count)))))
-        total += float(lm_loss(model, rows[:, :-1], rows[:, 1:])) * len(rows)
-    return total / count
 
 
 def train_arm(config: StatesBenchConfig, arm: str) -> dict[str, Any]:
@@ -124,7 +115,8 @@ def train_arm(config: StatesBenchConfig, arm: str) -> dict[str, Any]:
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
             curve.append({"step": done, "train_loss": sum(losses[-50:]) / len(losses[-50:]),
-                          "val_loss": validation_loss(model, val, config)})
+                          "val_loss": validation_loss(model, val, config.micro_batch_size, config.eval_tokens)})
+            model.train()
             print(json.dumps({"arm": arm, **curve[-1], "seconds": time.perf_counter() - started}), flush=True)
     return {"arm": arm, "states": str(dtype).removeprefix("torch."), "curve": curve,
             "val_loss": curve[-1]["val_loss"], "parameters": sum(p.numel() for p in model.parameters()),
