@@ -128,6 +128,23 @@ def test_loader_benchmark(builtin_data: Path, tmp_path: Path) -> None:
     assert 0 <= record["fed_wait_fraction"] < 1
 
 
+def test_the_bf16_states_benchmark_trains_both_arms_on_the_same_batches(data_copy: Path, tmp_path: Path) -> None:
+    """bench/bf16_states.py (docs/QUALITY.md): fp32 and bf16 optimizer states from the same weights and batches;
+    the first loss is the same (the model computes from the same bf16 copy), the updates then differ."""
+    out = tmp_path / "states"
+    result = subprocess.run(
+        [sys.executable, "bench/bf16_states.py", "--data-dir", str(data_copy), "--corpus", "builtin", "--layers", "1",
+         "--width", "64", "--seq-len", "32", "--micro-batch-size", "2", "--steps", "6", "--warmup-steps", "1",
+         "--eval-every", "3", "--eval-tokens", "1024", "--out", str(out)],
+        cwd=REPO, env=subprocess_env(data_copy), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fp32, bf16 = (json.loads((out / f"{arm}.json").read_text()) for arm in ("fp32", "bf16"))
+    assert (fp32["states"], bf16["states"]) == ("float32", "bfloat16")
+    assert [point["step"] for point in fp32["curve"]] == [3, 6] == [point["step"] for point in bf16["curve"]]
+    assert fp32["losses"][0] == bf16["losses"][0] and fp32["losses"][1:] != bf16["losses"][1:]
+    assert fp32["val_loss"] < fp32["losses"][0] and bf16["val_loss"] < bf16["losses"][0]
+
+
 def test_recipe_benchmark_trains_both_recipes_on_the_same_tokens(data_copy: Path, tmp_path: Path) -> None:
     out = tmp_path / "recipe"
     result = subprocess.run(
