@@ -110,15 +110,19 @@ $(CKPT): $(SHARDS)
 evaluate: $(CKPT)
 	$(PY) -m pipeline.evaluate --run $(RUN) $(EVAL_ARGS)
 
+# Two workers, a test file each at a time (its module fixtures made once): most of a test's time is spent
+# starting processes and waiting on them, so two overlap well even on 2 cores.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: $(TEST_INSTALLED)
 	sh launch/system_deps.sh $(PY)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PYTEST) --durations=25
 
 # The tests that need no DeepSpeed engine and no whole-pipeline run: feedback in under 2 minutes while working.
 test-fast: $(TEST_INSTALLED)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(TEST_INSTALLED)
 	$(PY) -m ruff check .

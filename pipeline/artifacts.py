@@ -76,11 +76,24 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
-    directory = os.open(path.parent, os.O_RDONLY)
+    _fsync(path.parent)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush a folder written in place to the disk: every file, every folder's entries, and the folder's own
+    entry in its parent, so that after a power cut it is all there or the reader can tell it is not."""
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):  # deepest first
+        _fsync(path)
+    _fsync(folder)
+    _fsync(folder.parent)
+
+
+def _fsync(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(directory)
+        os.fsync(handle)
     finally:
-        os.close(directory)
+        os.close(handle)
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from pipeline.artifacts import (
     DiskNeed,
     bytes_in,
+    fsync_tree,
     read_manifest,
     sha256_json,
     verify_files,
@@ -41,6 +42,7 @@ from pipeline.artifacts import (
     write_manifest,
     write_text_atomic,
 )
+from pipeline.distributed import any_rank
 from pipeline.stage import PipelineError
 
 log = logging.getLogger("onecard")
@@ -149,24 +151,26 @@ def save(engine: Any, model: torch.nn.Module, ckpt_dir: Path, step: int, client_
     if folder.exists() and latest_tag(ckpt_dir) == tag:
         return  # already saved: a periodic checkpoint that is also the final one
     dist.barrier()  # every rank has looked at the folder before rank 0 makes it (a rank that looked later would wait)
-    try:
-        if dist.get_rank() == 0:
-            shutil.rmtree(folder, ignore_errors=True)  # half-written by a crashed save; `latest` never pointed here
-            folder.mkdir(parents=True)
-        write_fp32_weights(model, folder / WEIGHTS)  # a collective: every rank takes part
-        dist.barrier()
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        _fsync_files(folder)  # each rank its own files (on a shared filesystem some twice: harmless)
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+    # A write that fails on one rank is recorded, not raised, until every rank has been through every collective
+    # of the save; then all ranks learn of it together and stop with the same error, none left waiting.
+    failures: list[Exception] = []
+    if dist.get_rank() == 0:
+        _recorded(failures, _fresh_folder, folder)  # a crashed save's half-written folder: never `latest`
+    _recorded(failures, write_fp32_weights, model, folder / WEIGHTS)  # a collective: every rank takes part
+    if not any_rank(bool(failures)):
+        with _writes_recorded(engine, failures):
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        _recorded(failures, fsync_tree, folder)  # each rank its own files (on a shared filesystem some twice)
+    if any_rank(bool(failures)):
         if dist.get_rank() == 0:
             shutil.rmtree(folder, ignore_errors=True)
         previous = latest_tag(ckpt_dir)
+        failure = failures[0] if failures else None
         raise PipelineError(
-            f"writing checkpoint {folder} failed ({error}). It was removed and never became `latest`; "
-            + (f"{Path(ckpt_dir) / previous} is intact. " if previous else "")
+            f"writing checkpoint {folder} failed ({failure or 'on another rank: its log says why'}). It was removed "
+            "and never became `latest`; " + (f"{Path(ckpt_dir) / previous} is intact. " if previous else "")
             + "If the disk is full, free some space (or use --keep-checkpoints 1) and run the same command again."
-        ) from error
-    dist.barrier()
+        ) from failure
     if dist.get_rank() == 0:
         write_manifest(folder, "checkpoint", FORMAT_VERSION, sha256_json(record["identity"]), record["identity"],
                        record["inputs"], record["counts"], record["started"])
@@ -176,12 +180,6 @@ def save(engine: Any, model: torch.nn.Module, ckpt_dir: Path, step: int, client_
                 shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
     dist.barrier()
 
-
-def _fsync_files(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def load_latest(engine: Any, ckpt_dir: Path, universal: bool = False,
@@ -344,6 +342,32 @@ def write_run_manifest(ckpt_dir: Path, identity: dict[str, Any], inputs: dict[st
                    only=own)
 
 
+def _fresh_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+
+def _recorded(failures: list[Exception], action: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run `action` unless a write has failed already; a failure of its own is appended to `failures`."""
+    if not failures:
+        try:
+            action(*args, **kwargs)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            failures.append(error)
+
+
+@contextmanager
+def _writes_recorded(engine: Any, failures: list[Exception]) -> Iterator[None]:
+    """DeepSpeed's own file writes on this rank with a failure recorded in `failures` instead of raised, so that
+    DeepSpeed goes on through the collectives of its save that the other ranks are waiting in."""
+    writer = engine.checkpoint_engine
+    writer.save = partial(_recorded, failures, writer.save)
+    try:
+        yield
+    finally:
+        del writer.save  # the class's own again
+
+
 def write_fp32_weights(model: torch.nn.Module, path: Path) -> None:
     """Write the full fp32 master weights of a model DeepSpeed trains as a safetensors file, on rank 0, one tensor
     at a time: the host holds one whole tensor at most, never the model (GPT-2 XL's 6.2 GB, which a 32 GB desktop
@@ -361,13 +385,14 @@ def write_fp32_weights(model: torch.nn.Module, path: Path) -> None:
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
-    failure = None
-    with open(path, "wb") if dist.get_rank() == 0 else nullcontext() as file:
-        try:
-            if file is not None:
-                file.write(len(text).to_bytes(8, "little") + text)
-        except OSError as error:
-            failure = error
+    failure, file = None, None
+    try:
+        if dist.get_rank() == 0:
+            file = open(path, "wb")  # closed below, after the last gather
+            file.write(len(text).to_bytes(8, "little") + text)
+    except OSError as error:
+        failure = error
+    with file if file is not None else nullcontext():
         for name, value in _fp32_values(params):
             if file is not None and failure is None:
                 try:

@@ -12,6 +12,8 @@ from typing import Any
 import psutil
 import torch
 
+from pipeline.dsconfig import use_this_environments_ninja
+
 log = logging.getLogger("onecard")
 LAUNCHER = "deepspeed.launcher.launch"
 
@@ -20,6 +22,7 @@ def init_distributed() -> None:
     """Join the process group set up by the deepspeed launcher, or form a group of one without it."""
     import deepspeed
 
+    use_this_environments_ninja()  # before DeepSpeed loads its communication op
     if "RANK" not in os.environ:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))

@@ -41,6 +41,7 @@ from pipeline.artifacts import StageOutput, require_free_space, write_json_atomi
 from pipeline.documents import PART_PREFIX, document_line, part_name
 from pipeline.stage import (
     ARCHIVE_SUFFIXES,
+    AT_LEAST_ONE,
     DOCUMENT_SUFFIXES,
     LOCAL_SUFFIXES,
     DataDir,
@@ -69,9 +70,11 @@ class DownloadConfig(StageConfig):
     corpus: str | None = field(default=None, metadata={"help": "corpus name (default: derived from --source)"})
     text_field: str = field(default="text", metadata={"help": "column/key holding the text in jsonl, parquet, hf"})
     split: str = field(default="train", metadata={"help": "split of a hf: dataset"})
-    max_docs: int | None = field(default=None, metadata={"help": "stop after this many documents"})
-    max_bytes: int | None = field(default=None, metadata={"help": "stop after this many bytes of UTF-8 text"})
-    max_tokens: int | None = field(default=None, metadata={
+    max_docs: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
+                                                         "help": "stop after this many documents"})
+    max_bytes: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
+                                                          "help": "stop after this many bytes of UTF-8 text"})
+    max_tokens: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
         "help": "stop after the document that brings the corpus to this many tokens of --count-tokenizer"})
     count_tokenizer: str = field(default="gpt2", metadata={
         "help": "the tokenizer --max-tokens counts with: a hub name or a local folder (the one you will tokenize "

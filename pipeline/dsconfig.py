@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import re
+import sys
 import tempfile
 from importlib.resources import files
 from pathlib import Path
@@ -226,17 +227,30 @@ def load_ops(ds: dict[str, Any]) -> dict[str, tuple[float, bool]]:
                      + (["AsyncIOBuilder"] if "nvme" in (params_device, optimizer_device) else []))
 
 
+def use_this_environments_ninja() -> None:
+    """Put this interpreter's `ninja` first on PATH. DeepSpeed builds its ops with whichever ninja PATH finds
+    first, and a ninja of another version than the one that built them rebuilds them all (minutes): a venv's
+    python started without activating the venv would otherwise take the system's ninja, and rebuild again
+    whenever the other one runs."""
+    tools = Path(sys.executable).parent
+    path = os.environ.get("PATH", "")
+    if (tools / "ninja").exists() and not path.startswith(f"{tools}{os.pathsep}"):
+        os.environ["PATH"] = f"{tools}{os.pathsep}{path}"
+
+
 def _load_ops(names: list[str]) -> dict[str, tuple[float, bool]]:
     import time
 
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
+    use_this_environments_ninja()
     loaded = {}
     for name in names:
         builder = get_accelerator().create_op_builder(name)
-        built = not (Path(_get_build_directory(builder.name, verbose=False)) / f"{builder.name}.so").exists()
+        library = Path(_get_build_directory(builder.name, verbose=False)) / f"{builder.name}.so"
+        before = library.stat().st_mtime_ns if library.exists() else None
         started = time.perf_counter()
         builder.load(verbose=False)
-        loaded[builder.name] = (time.perf_counter() - started, built)
+        loaded[builder.name] = (time.perf_counter() - started, library.stat().st_mtime_ns != before)
     return loaded

@@ -31,7 +31,7 @@ from pipeline.families import config_from, context_of
 from pipeline.model import LOSS_CHUNK_TOKENS, build, lm_loss, model_config
 from pipeline.report import markdown, plot_loss, read_curves
 from pipeline.shard_format import load_index
-from pipeline.stage import DataDir, PipelineError, StageConfig, stage_main
+from pipeline.stage import AT_LEAST_ONE, NON_NEGATIVE, DataDir, PipelineError, StageConfig, stage_main
 from pipeline.tokenizer import differences_from, load_tokenizer, tokenizer_info
 
 log = logging.getLogger("onecard")
@@ -43,18 +43,22 @@ PROMPTS = ("The", "In Python, a list is", "This function returns")
 @dataclass
 class EvaluateConfig(StageConfig):
     run: str | None = field(default=None, metadata={"help": "run to evaluate (default: the only run there is)"})
-    eval_tokens: int = field(default=1_000_000, metadata={"help": "score at most this many val tokens"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per evaluation batch"})
-    sample_tokens: int = field(default=48, metadata={"help": "tokens generated per sample prompt"})
-    seed: int = field(default=1337, metadata={"help": "seed for sampling"})
+    eval_tokens: int = field(default=1_000_000, metadata={"range": AT_LEAST_ONE,
+                                                          "help": "score at most this many val tokens"})
+    batch_size: int = field(default=8, metadata={"range": AT_LEAST_ONE, "help": "sequences per evaluation batch"})
+    sample_tokens: int = field(default=48, metadata={"range": NON_NEGATIVE,
+                                                     "help": "tokens generated per sample prompt"})
+    seed: int = field(default=1337, metadata={"range": NON_NEGATIVE, "help": "seed for sampling"})
     eval_text: str | None = field(default=None, metadata={"help": "a UTF-8 text file to score (sliding window)"})
     eval_stride: int | None = field(
-        default=None, metadata={"help": "sliding-window stride for --eval-text (default: half the context)"})
+        default=None, metadata={"range": AT_LEAST_ONE,
+                                "help": "sliding-window stride for --eval-text (default: half the context)"})
     hellaswag: str | None = field(
         default=None, metadata={"help": "hellaswag_val.jsonl (rowanz/hellaswag's format), or hf: for the hub"})
     lambada: str | None = field(
         default=None, metadata={"help": "lambada_test.jsonl (OpenAI's GPT-2 release format), or hf: for the hub"})
-    limit: int | None = field(default=None, metadata={"help": "score only the first N items of each benchmark"})
+    limit: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
+                                                      "help": "score only the first N items of each benchmark"})
 
 
 def resolve_run(data: DataDir, run: str | None) -> str:

@@ -27,6 +27,7 @@ class GPU:
     fp16_tflops: float | None
     fp32_tflops: float
     watts: float  # board power (TDP), for energy estimates
+    aliases: tuple[str, ...] = ()  # other names torch reports for the same board (its memory variants)
 
     def peak_tflops(self, precision: str) -> float | None:
         return {"bf16": self.bf16_tflops, "fp16": self.fp16_tflops, "fp32": self.fp32_tflops}[precision]
@@ -39,10 +40,11 @@ class GPU:
 
 # Sources: NVIDIA's H100 and H200 datasheets, the A100 datasheet, the Ada (RTX 40), Ampere GA102 (RTX 30) and
 # Turing (RTX 20, Titan RTX) architecture whitepapers' appendix tables, the T4 and V100 datasheets, and the
-# GeForce GTX 1080 Ti / Titan Xp specifications (Pascal: boost clock x 2 x CUDA cores). Longer names first:
-# "RTX 4070 Ti" must not be taken for "RTX 4070".
+# GeForce GTX 1080 Ti / Titan Xp specifications (Pascal: boost clock x 2 x CUDA cores). Names are matched whole
+# (see `lookup_gpu`): an "RTX 3060 Ti" (8 GB) is not an "RTX 3060" (12 GB), and a laptop part is not its desktop
+# namesake.
 GPUS = (
-    GPU("H100 80GB HBM3", 80, (9, 0), 989.4, 989.4, 66.9, 700),  # H100 SXM
+    GPU("H100 80GB HBM3", 80, (9, 0), 989.4, 989.4, 66.9, 700, ("H100 SXM",)),
     GPU("H100 PCIe", 80, (9, 0), 756.5, 756.5, 51.2, 350),
     GPU("H200", 141, (9, 0), 989.4, 989.4, 66.9, 700),
     GPU("A100-SXM4-80GB", 80, (8, 0), 312.0, 312.0, 19.5, 400),
@@ -58,20 +60,26 @@ GPUS = (
     # fp32 (Pascal).
     GPU("TITAN RTX", 24, (7, 5), None, 130.5, 16.3, 280),
     GPU("RTX 2080 Ti", 11, (7, 5), None, 53.8, 13.4, 250),  # reference clocks (Founders Edition: 56.9, 14.2)
-    GPU("RTX 2060", 12, (7, 5), None, 28.7, 7.2, 184),  # the 12 GB board (2176 CUDA cores; the 6 GB one has 1920)
+    # the 12 GB board (2176 CUDA cores; the 6 GB one has 1920)
+    GPU("RTX 2060", 12, (7, 5), None, 28.7, 7.2, 184, ("RTX 2060 12GB",)),
     GPU("Tesla T4", 16, (7, 5), None, 65.0, 8.1, 70),
-    GPU("V100-SXM2", 16, (7, 0), None, 125.0, 15.7, 300),  # 16 and 32 GB boards: the same peaks
-    GPU("V100-PCIE", 16, (7, 0), None, 112.0, 14.0, 250),
+    GPU("V100-SXM2", 16, (7, 0), None, 125.0, 15.7, 300, ("V100-SXM2-16GB", "V100-SXM2-32GB")),  # same peaks
+    GPU("V100-PCIE", 16, (7, 0), None, 112.0, 14.0, 250, ("V100-PCIE-16GB", "V100-PCIE-32GB")),
     GPU("GTX 1080 Ti", 11, (6, 1), None, None, 11.3, 250),
     GPU("TITAN Xp", 12, (6, 1), None, None, 12.1, 250),
 )
 
 
 def lookup_gpu(device_name: str) -> GPU | None:
-    for gpu in GPUS:
-        if gpu.name.lower() in device_name.lower():
-            return gpu
-    return None
+    """The table's card whose name or alias is `device_name`, as torch reports it ("NVIDIA GeForce RTX 4070 Ti")
+    or as a person writes it ("RTX 4070 Ti"); None for a card that is not in the table."""
+    wanted = _bare_name(device_name)
+    return next((gpu for gpu in GPUS if wanted in map(_bare_name, (gpu.name, *gpu.aliases))), None)
+
+
+def _bare_name(name: str) -> str:
+    """A GPU's name without the brand words torch puts before some of them, case and spacing aside."""
+    return " ".join(word for word in name.lower().split() if word not in ("nvidia", "geforce", "tesla"))
 
 
 def device_name() -> str:

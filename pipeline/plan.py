@@ -27,7 +27,7 @@ from pipeline.dsconfig import CONFIGS, load_ds_config, offload_devices, shipped,
 from pipeline.hardware import GIB, GPUS, lookup_gpu
 from pipeline.memory import PROCESS_BYTES, disk_bytes, gpu_memory_bytes, host_bytes, host_total
 from pipeline.model import PRESETS, preset_model_shape
-from pipeline.stage import PipelineError, stage_main
+from pipeline.stage import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PipelineError, Range, stage_main
 
 log = logging.getLogger("onecard")
 
@@ -56,26 +56,34 @@ class PlanConfig:
         "help": "a model instead of the preset, by its config.json alone: the file, its folder or a hub id "
                 "(Llama, Qwen2, Mistral or GPT-2)"})
     params: float | None = field(
-        default=None, metadata={"help": "a parameter count instead (e.g. 1.5e9); the model gives the shape"})
-    seq_len: int = field(default=1024, metadata={"help": "sequence length"})
+        default=None, metadata={"range": POSITIVE,
+                                "help": "a parameter count instead (e.g. 1.5e9); the model gives the shape"})
+    seq_len: int = field(default=1024, metadata={"range": AT_LEAST_ONE, "help": "sequence length"})
     tokens: str = field(default="compute-optimal",
                         metadata={"help": "training tokens (e.g. 10e9) or compute-optimal (20 per parameter)"})
     gpu: str = field(default="RTX 4070 Ti",
                      metadata={"help": f"a card of the table: {', '.join(g.name for g in GPUS)}"})
-    gpu_memory_gib: float | None = field(default=None, metadata={"help": "the card's memory, instead of the table's"})
-    gpu_peak_tflops: float | None = field(default=None, metadata={"help": "its dense peak in the run's precision, "
+    gpu_memory_gib: float | None = field(default=None, metadata={"range": POSITIVE,
+                                                                 "help": "the card's memory, instead of the table's"})
+    gpu_peak_tflops: float | None = field(default=None, metadata={"range": POSITIVE,
+                                                                  "help": "its dense peak in the run's precision, "
                                                                    "instead"})
     precision: str = field(default="auto", metadata={"help": "bf16 | fp16 | fp32, or auto: what training picks on "
                                                      "that card (bf16 from compute capability 8.0, fp16 on 7.x, "
                                                      "fp32 before)"})
-    gpu_watts: float | None = field(default=None, metadata={"help": "its board power, instead"})
-    host_ram_gib: float = field(default=64.0, metadata={"help": "host RAM"})
-    nvme_free_gib: float = field(default=0.0, metadata={"help": "free space on a fast local SSD for NVMe offload"})
-    micro_batch_size: int | None = field(default=None, metadata={"help": "fix the micro-batch (default: the "
+    gpu_watts: float | None = field(default=None, metadata={"range": POSITIVE, "help": "its board power, instead"})
+    host_ram_gib: float = field(default=64.0, metadata={"range": POSITIVE, "help": "host RAM"})
+    nvme_free_gib: float = field(default=0.0, metadata={"range": NON_NEGATIVE,
+                                                        "help": "free space on a fast local SSD for NVMe offload"})
+    micro_batch_size: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
+                                                                 "help": "fix the micro-batch (default: the "
                                                                  "largest that fits)"})
-    global_batch_tokens: int = field(default=1 << 19, metadata={"help": "tokens per optimizer step (GPT-2: ~0.5M)"})
-    activation_checkpointing: int = field(default=1, metadata={"help": "as train's option: 0 off, k every k-th block"})
-    mfu: float | None = field(default=None, metadata={"help": "model FLOPs utilisation to project time with "
+    global_batch_tokens: int = field(default=1 << 19, metadata={"range": AT_LEAST_ONE,
+                                                                "help": "tokens per optimizer step (GPT-2: ~0.5M)"})
+    activation_checkpointing: int = field(default=1, metadata={"range": NON_NEGATIVE,
+                                                               "help": "as train's option: 0 off, k every k-th block"})
+    mfu: float | None = field(default=None, metadata={"range": Range(0, 1, low_open=True),
+                                                      "help": "model FLOPs utilisation to project time with "
                                                        "(default: the one measured for the config)"})
     nvme_path: Path | None = field(default=None, metadata={"help": "the folder on the fast disk NVMe offload would "
                                                                     "swap to (for --measure-disk, and written into "
@@ -84,11 +92,13 @@ class PlanConfig:
                                                                 "DeepSpeed's async I/O, sweeping its aio settings "
                                                                 "(about a minute, a few GB written); the best go "
                                                                 "into --write-config"})
-    disk_test_gib: float = field(default=1.0, metadata={"help": "GiB written and read back per setting "
+    disk_test_gib: float = field(default=1.0, metadata={"range": POSITIVE,
+                                                        "help": "GiB written and read back per setting "
                                                                 "--measure-disk tries"})
-    disk_read_gbps: float | None = field(default=None, metadata={"help": "the swap disk's read speed, GB/s, instead "
+    disk_read_gbps: float | None = field(default=None, metadata={"range": POSITIVE,
+                                                                 "help": "the swap disk's read speed, GB/s, instead "
                                                                           "of measuring it"})
-    disk_write_gbps: float | None = field(default=None, metadata={"help": "its write speed, GB/s"})
+    disk_write_gbps: float | None = field(default=None, metadata={"range": POSITIVE, "help": "its write speed, GB/s"})
     write_config: Path | None = field(default=None, metadata={"help": "write the recommended DeepSpeed JSON here"})
     json: Path | None = field(default=None, metadata={"help": "write the whole plan as JSON here"})
 

@@ -47,7 +47,16 @@ from pipeline.shard_format import (
     token_dtype,
     token_parts,
 )
-from pipeline.stage import DataDir, PipelineError, StageConfig, part_corpus, stage_main
+from pipeline.stage import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    PROBABILITY,
+    DataDir,
+    PipelineError,
+    StageConfig,
+    part_corpus,
+    stage_main,
+)
 
 log = logging.getLogger("onecard")
 
@@ -59,13 +68,16 @@ SPLITS = ("train", "val")
 class ShardConfig(StageConfig):
     corpus: str = field(default="builtin", metadata={"help": "corpus to shard (a folder under tokens/)"})
     part: str | None = field(default=None, metadata={"help": "I/N: shard one share of a split corpus"})
-    shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per shard file"})
-    val_fraction: float = field(default=0.05, metadata={"help": "fraction of documents held out for validation"})
-    split_seed: int = field(default=0, metadata={"help": "key of the hash that assigns documents to train/val"})
+    shard_tokens: int = field(default=100_000_000, metadata={"range": AT_LEAST_ONE, "help": "tokens per shard file"})
+    val_fraction: float = field(default=0.05, metadata={"range": PROBABILITY,
+                                                        "help": "fraction of documents held out for validation"})
+    split_seed: int = field(default=0, metadata={"range": NON_NEGATIVE,
+                                                 "help": "key of the hash that assigns documents to train/val"})
     shuffle: bool = field(default=True, metadata={"help": "write the documents in a seeded random order"})
-    shuffle_seed: int = field(default=0, metadata={"help": "seed of the document order"})
+    shuffle_seed: int = field(default=0, metadata={"range": NON_NEGATIVE, "help": "seed of the document order"})
     verify: bool = field(default=False, metadata={"help": "only re-check the existing shard set, then exit"})
-    merge: int | None = field(default=None, metadata={"help": "N: merge the shard sets of --part 0/N .. N-1/N"})
+    merge: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
+                                                      "help": "N: merge the shard sets of --part 0/N .. N-1/N"})
 
 
 class TokenDocuments:

@@ -32,6 +32,34 @@ class PipelineError(Exception):
     """A problem the user can fix: the message names the file or option and says how."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option takes, checked when the command line is parsed (`metadata={"range": ...}`
+    on every int and float field of a stage's config)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is outside
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_ONE = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+PROBABILITY = Range(0, 1, high_open=True)  # dropout, a held-out fraction: 1 would leave nothing
+RATIO = Range(0, 1)
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, "data"))
 
@@ -191,9 +219,26 @@ def parse_config(cls: type[ConfigT], argv: Sequence[str] | None = None) -> Confi
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif get_origin(kind) is Literal:
             parser.add_argument(*flags, choices=get_args(kind), default=default, help=help_text)
+        elif "range" in item.metadata:
+            bound = item.metadata["range"]
+            parser.add_argument(*flags, type=_within(kind, bound), default=default, help=f"{help_text} ({bound})")
         else:
             parser.add_argument(*flags, type=kind, default=default, help=help_text)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def _within(kind: type, bound: Range) -> Callable[[str], Any]:
+    """argparse's `type` for a number that must lie in `bound`: outside it, argparse's usage error (exit 2)
+    names the option, the value and the range."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not bound.holds(value):
+            raise argparse.ArgumentTypeError(f"{text} is outside its range, {bound}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse says "invalid int value" for text that is no number
+    return parse
 
 
 def stage_main(cls: type[ConfigT], run: Callable[[ConfigT], Any], argv: Sequence[str] | None = None) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -34,12 +36,12 @@ from tqdm import tqdm
 from pipeline.artifacts import StageOutput, read_manifest, require_free_space, verify_files
 from pipeline.documents import document_parts, document_text
 from pipeline.shard_format import TokenPartWriter, read_token_part, token_dtype, token_parts
-from pipeline.stage import DataDir, StageConfig, part_corpus, stage_main
-from pipeline.tokenizer import build_tokenizer, encode, tiktoken_encoding, tokenizer_info
+from pipeline.stage import AT_LEAST_ONE, DataDir, StageConfig, part_corpus, stage_main
+from pipeline.tokenizer import build_tokenizer, encode, text_tokenizer, tiktoken_encoding, tokenizer_info
 
 log = logging.getLogger("onecard")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: special-token strings inside documents are encoded as text (1 gave them control ids)
 SAMPLE_DOCUMENTS, SAMPLE_CHARS = 64, 20_000
 
 
@@ -50,9 +52,11 @@ class TokenizeConfig(StageConfig):
         default="bpe:4096", metadata={"help": "gpt2 | a hub name | a local tokenizer folder | bpe:VOCAB_SIZE"}
     )
     part: str | None = field(default=None, metadata={"help": "I/N: tokenize one share of a split corpus"})
-    batch_bytes: int = field(default=8 << 20, metadata={"help": "bytes of text encoded at a time (bounds memory)"})
+    batch_bytes: int = field(default=8 << 20, metadata={"range": AT_LEAST_ONE,
+                                                        "help": "bytes of text encoded at a time (bounds memory)"})
     max_tokens: int | None = field(
-        default=None, metadata={"help": "stop after this many tokens (at the end of the document that reaches it)"})
+        default=None, metadata={"range": AT_LEAST_ONE,
+                                "help": "stop after this many tokens (at the end of the document that reaches it)"})
 
 
 class Encoder:
@@ -65,10 +69,8 @@ class Encoder:
     """
 
     def __init__(self, tokenizer_dir: Path, vocab_size: int, sample: list[str], bos_id: int | None) -> None:
-        from tokenizers import Tokenizer
-
         verify_files(tokenizer_dir, read_manifest(tokenizer_dir, "tokenizer"))
-        self.backend = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        self.backend = text_tokenizer(tokenizer_dir / "tokenizer.json")
         self.fast = tiktoken_encoding(tokenizer_dir / "tokenizer.json")
         self.workers = os.cpu_count() or 1
         self.dtype = token_dtype(vocab_size)
@@ -121,6 +123,14 @@ _worker: tuple[Any, np.dtype] | None = None
 def _start_worker(tokenizer_json: str, dtype: str) -> None:
     global _worker
     _worker = (tiktoken_encoding(Path(tokenizer_json)), np.dtype(dtype))
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    """An idle worker waits on a queue whose pipe it holds both ends of, so a tokenize killed -9 would leave it
+    waiting for ever: it exits when the parent's sentinel says the parent is gone."""
+    multiprocessing.connection.wait([multiprocessing.parent_process().sentinel])
+    os._exit(1)
 
 
 def _encode_range(path: str, start: int, end: int) -> list[np.ndarray]:

@@ -222,15 +222,23 @@ def token_counter(spec: str, data_dir: Path) -> Callable[[str], int]:
     fast = tiktoken_encoding(folder / "tokenizer.json")
     if fast is not None:
         return lambda text: len(encode(fast, text))
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    backend = text_tokenizer(folder / "tokenizer.json")
     return lambda text: len(backend.encode(text, add_special_tokens=False).ids)
 
 
+# A document is text: the characters "<|endoftext|>", "<s>" or "</s>" written inside one (code, pages about
+# tokenizers) are encoded as the text they are, never as the control ids they spell; the only control id in a
+# token stream is the separator the tokenize stage puts between documents itself (as nanoGPT and llm.c do).
+
+def text_tokenizer(tokenizer_json: Path) -> Any:
+    """`tokenizers`' tokenizer from a tokenizer.json, encoding special-token strings as ordinary text."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(tokenizer_json))
+    backend.encode_special_tokens = True
+    return backend
+
+
 def encode(encoding: Any, text: str) -> np.ndarray:
-    """Special tokens written in the text are special, as in `tokenizers`; the scan for them costs ~7%, so it is
-    only asked for when one of them occurs at all."""
-    if any(special in text for special in encoding.special_tokens_set):
-        return encoding.encode_to_numpy(text, allowed_special="all")
+    """tiktoken's ids for a document, special-token strings in it encoded as ordinary text."""
     return encoding.encode_to_numpy(text, disallowed_special=())

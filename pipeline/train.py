@@ -77,8 +77,14 @@ from pipeline.model import (
 )
 from pipeline.shard_format import load_index
 from pipeline.stage import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    RATIO,
     DataDir,
     PipelineError,
+    Range,
     StageConfig,
     close_log_file,
     log_to_file,
@@ -104,22 +110,29 @@ class TrainConfig(StageConfig):
                 "Qwen/Qwen2.5-1.5B, ...) or a folder with config.json + model.safetensors (an onecard export too)"})
     run: str | None = field(default=None, metadata={
         "help": "run name (default: <corpus>-<preset>-<config>-<YYYYMMDD>, the newest such run if one exists)"})
-    seq_len: int | None = field(default=None, metadata={
+    seq_len: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
         "help": "sequence length (default: the model's context, at most 2048)"})
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps to train for, in total"})
-    warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps (default: 5%% of max)"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "the cosine decays to this fraction of the peak"})
-    micro_batch_size: int | None = field(default=None, metadata={"help": "override the JSON's micro-batch"})
-    grad_accum: int | None = field(default=None, metadata={"help": "override gradient_accumulation_steps"})
+    max_steps: int = field(default=300, metadata={"range": AT_LEAST_ONE,
+                                                  "help": "optimizer steps to train for, in total"})
+    warmup_steps: int | None = field(default=None, metadata={"range": NON_NEGATIVE,
+                                                             "help": "linear warmup steps (default: 5%% of max)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"range": RATIO,
+                                                       "help": "the cosine decays to this fraction of the peak"})
+    micro_batch_size: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
+                                                                 "help": "override the JSON's micro-batch"})
+    grad_accum: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
+                                                           "help": "override gradient_accumulation_steps"})
     precision: Literal["auto", "bf16", "fp16", "fp32"] | None = field(default=None, metadata={
         "help": "override the JSON's precision; auto: the hardware's choice (bf16 on CUDA 8.0+ and on CPUs with "
                 "AVX512-BF16/AMX, fp16 on CUDA 7.x, else fp32), which the shipped configs ask for"})
     allow_precision_change: bool = field(default=False, metadata={
         "help": "resume a run in another precision than it was trained in (the fp32 master weights and Adam "
                 "moments carry over; an fp16 loss scale starts anew)"})
-    lr: float | None = field(default=None, metadata={"help": "override the optimizer's peak learning rate"})
+    lr: float | None = field(default=None, metadata={"range": POSITIVE,
+                                                     "help": "override the optimizer's peak learning rate"})
     activation_checkpointing: int = field(
-        default=0, metadata={"help": "recompute activations of every k-th decoder layer in the backward "
+        default=0, metadata={"range": NON_NEGATIVE,
+                             "help": "recompute activations of every k-th decoder layer in the backward "
                              "pass: 0 off, 1 every block, k every k-th (less memory, more compute)"})
     selective_checkpointing: bool = field(
         default=False, metadata={"help": "in the checkpointed layers keep the matmul and attention outputs and "
@@ -133,25 +146,34 @@ class TrainConfig(StageConfig):
         default=True, metadata={"help": "PyTorch's fused tanh-GELU (--no-fused-gelu: GPT-2's op-by-op gelu_new, "
                                 "the same function)"})
     loss_chunk_tokens: int = field(
-        default=LOSS_CHUNK_TOKENS, metadata={"help": "compute the output layer and loss this many tokens at a time, "
+        default=LOSS_CHUNK_TOKENS, metadata={"range": NON_NEGATIVE,
+                                             "help": "compute the output layer and loss this many tokens at a time, "
                                              "so the full logits never exist (0: all at once)"})
     gpu_mem_cap: float | None = field(
-        default=None, metadata={"help": "cap this process's GPU allocator at this many GiB (emulate a smaller card)"})
+        default=None, metadata={"range": POSITIVE,
+                                "help": "cap this process's GPU allocator at this many GiB (emulate a smaller card)"})
     peak_tflops: float | None = field(
-        default=None, metadata={"help": "the GPU's dense peak in the run's precision, for MFU (default: from the "
+        default=None, metadata={"range": POSITIVE,
+                                "help": "the GPU's dense peak in the run's precision, for MFU (default: from the "
                                 "built-in table)"})
-    seed: int = field(default=1337, metadata={"help": "seeds the weights and the data order"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout probability (GPT-2 pre-training: 0)"})
+    seed: int = field(default=1337, metadata={"range": NON_NEGATIVE, "help": "seeds the weights and the data order"})
+    dropout: float = field(default=0.0, metadata={"range": PROBABILITY,
+                                                  "help": "dropout probability (GPT-2 pre-training: 0)"})
     stop_after: int | None = field(
-        default=None, metadata={"help": "stop with a checkpoint after this step, e.g. to fit a job's time limit "
+        default=None, metadata={"range": AT_LEAST_ONE,
+                                "help": "stop with a checkpoint after this step, e.g. to fit a job's time limit "
                                 "(the schedule still runs to --max-steps; run again to continue)"})
     checkpoint_every: int = field(
-        default=100, metadata={"help": "save a checkpoint every N steps and at the end (0: never, for benchmarks)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
+        default=100, metadata={"range": NON_NEGATIVE,
+                               "help": "save a checkpoint every N steps and at the end (0: never, for benchmarks)"})
+    keep_checkpoints: int = field(default=2, metadata={"range": AT_LEAST_ONE,
+                                                       "help": "how many of the newest checkpoints to keep"})
     eval_every: int = field(
-        default=100, metadata={"help": "validation loss every N steps and at the end, into TensorBoard (0: never)"})
-    eval_tokens: int = field(default=1 << 17, metadata={"help": "validation tokens scored each time"})
-    log_every: int = field(default=10, metadata={"help": "console line every N steps"})
+        default=100, metadata={"range": NON_NEGATIVE,
+                               "help": "validation loss every N steps and at the end, into TensorBoard (0: never)"})
+    eval_tokens: int = field(default=1 << 17, metadata={"range": AT_LEAST_ONE,
+                                                        "help": "validation tokens scored each time"})
+    log_every: int = field(default=10, metadata={"range": AT_LEAST_ONE, "help": "console line every N steps"})
     nvme_path: str | None = field(default=None, metadata={"help": "NVMe swap root (relative: under --data-dir)"})
     verify_data: bool = field(default=True, metadata={"help": "check shard checksums before training"})
     on_nonfinite: Literal["stop", "skip"] = field(
@@ -161,7 +183,7 @@ class TrainConfig(StageConfig):
         default=True, metadata={"help": "estimate the host RAM, page-locked and GPU memory the run needs before "
                                 "building anything, and refuse a run this machine cannot hold (--no-preflight: "
                                 "go on regardless)"})
-    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
+    local_rank: int = field(default=-1, metadata={"range": Range(-1), "help": "set by the deepspeed launcher"})
 
 
 def run_name(config: TrainConfig) -> str:

@@ -90,8 +90,6 @@ def subprocess_env(data_dir: Path) -> dict[str, str]:
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
         env.pop(name, None)  # set in this process by in-process training; a launched run gets its own
     env["PYTHONUNBUFFERED"] = "1"
-    # This environment's tools first: DeepSpeed rebuilds its ops whenever a different `ninja` runs.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 

@@ -60,3 +60,47 @@ def test_the_batch_scheduler_script_runs_a_stage(tmp_path: Path) -> None:
     assert result.returncode == 2 and "tokens/books/manifest.json is missing" in result.stderr
     result = subprocess.run(["launch/stage.sh", "train"], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 2 and "launch/train_nodes.sh" in result.stderr
+
+
+def test_every_numeric_option_states_its_range_and_refuses_a_value_outside_it(capsys: pytest.CaptureFixture
+                                                                              ) -> None:
+    """`--log-every 0` once divided by zero at step 1, `--keep-checkpoints 0` kept every checkpoint: each stage's
+    numbers are checked when the command line is parsed, with argparse's exit 2 naming the option."""
+    import dataclasses
+    import typing
+
+    from pipeline.download import DownloadConfig
+    from pipeline.evaluate import EvaluateConfig
+    from pipeline.plan import PlanConfig
+    from pipeline.shard import ShardConfig
+    from pipeline.stage import parse_config
+    from pipeline.tokenize import TokenizeConfig
+    from pipeline.train import TrainConfig
+
+    checked = []
+    for config in (DownloadConfig, TokenizeConfig, ShardConfig, TrainConfig, EvaluateConfig, PlanConfig):
+        hints = typing.get_type_hints(config)
+        for option in dataclasses.fields(config):
+            kind = next((k for k in (int, float) if k in (typing.get_args(hints[option.name]) or [hints[option.name]])),
+                        None)
+            if kind is None:
+                continue
+            bound = option.metadata.get("range")
+            assert bound is not None, f"{config.__name__}.{option.name} states no range"
+            flag = "--" + option.name.replace("_", "-")
+            step = 1 if kind is int else 0.25
+            outside = [bound.low if bound.low_open else bound.low - step]
+            if bound.high is not None:
+                outside.append(bound.high if bound.high_open else bound.high + step)
+            inside = bound.low + step if bound.low_open or bound.high_open else bound.low
+            assert getattr(parse_config(config, [flag, str(inside)]), option.name) == inside
+            for value in outside:
+                with pytest.raises(SystemExit) as exited:
+                    parse_config(config, [flag, str(value)])
+                error = capsys.readouterr().err
+                assert exited.value.code == 2 and f"argument {flag}" in error and "outside its range" in error, error
+            with pytest.raises(SystemExit):
+                parse_config(config, ["--help"])
+            assert f"({bound})" in " ".join(capsys.readouterr().out.split())
+            checked.append(flag)
+    assert {"--log-every", "--keep-checkpoints", "--val-fraction", "--mfu", "--max-docs"} <= set(checked)

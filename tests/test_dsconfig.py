@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,9 @@ def test_the_install_builds_every_op_the_configs_load() -> None:
     ops = build_ops()
     assert {"cpu_adam", "async_io", "deepspeed_shm_comm"} <= set(ops)
     assert not any(built for _, built in load_ops(load_ds_config(REPO / "ds_configs" / "zero3_nvme.json")).values())
+    # started by its path, the venv not activated: the system's ninja (another version, or none) would rebuild
+    loaded = subprocess.run([sys.executable, "-c", "from pipeline.dsconfig import build_ops; print(build_ops())"],
+                            cwd=REPO, env={**os.environ, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                            timeout=600)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert "True" not in loaded.stdout.splitlines()[-1], loaded.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def test_the_console_shows_what_a_person_reads(made: Path) -> None:
     """The plan of the run, the steps, the result; the merged config and library warnings go to train.log."""
     console = (made / "console.txt").read_text()
     lines = [line for line in console.replace("\r", "\n").splitlines() if line.strip()]
-    progress = [line for line in lines if "%|" in line]  # progress-bar frames
+    progress = [line for line in lines if re.search(r"\[\d\d:\d\d[,<]", line)]  # bar frames, "[00:02, 50kB/s]"
     assert len(lines) - len(progress) < 60, console
     assert "val loss" in console and "untrained model" in console and "start-up" in console
     # the shipped config says "auto": the precision this machine computes fastest in, and why

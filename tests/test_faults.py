@@ -158,13 +158,60 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_in_charge(data_copy: Pa
     def killed(folder: Path) -> None:
         raise KeyboardInterrupt("killed after DeepSpeed wrote its files, before the commit")
 
-    monkeypatch.setattr(checkpoint, "_fsync_files", killed)
+    monkeypatch.setattr(checkpoint, "fsync_tree", killed)
     with pytest.raises(KeyboardInterrupt):
         train(data_copy, "cut", max_steps=4)
     assert latest_tag(ckpt_dir) == "step_00000002" and (ckpt_dir / "step_00000004").is_dir()
     monkeypatch.undo()
     train(data_copy, "cut", max_steps=4)  # the half-written step_00000004 is replaced
     assert latest_tag(ckpt_dir) == "step_00000004"
+    load_weights(ckpt_dir)
+
+
+FAILING_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":  # rank 1's own optimizer-state file of step 2 cannot be written
+    import errno
+    import torch
+    _save = torch.save
+    def _failing_save(obj, f, *args, **kwargs):
+        if "step_00000002" in str(f):
+            raise OSError(errno.EIO, "Input/output error (injected on rank 1)", str(f))
+        return _save(obj, f, *args, **kwargs)
+    torch.save = _failing_save
+"""
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_on_one_rank_fails_on_every_rank(data_copy: Path, tmp_path: Path) -> None:
+    """Two ranks started without the launcher (so none is killed for the other, as on two nodes): rank 1 cannot
+    write its part of step 2's checkpoint. Both ranks stop with the same clear error instead of one waiting for
+    ever in the save's next collective, and step 1 stays `latest`."""
+    import socket
+
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(FAILING_RANK_1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [subprocess.Popen(
+        [sys.executable, "launch/train.py", "--deepspeed", "ds_configs/zero2_offload.json", "--run", "ranks", *FLAGS,
+         "--max-steps", "2", "--checkpoint-every", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**subprocess_env(data_copy), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                        "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "PYTHONPATH": str(tmp_path / "hook")}) for rank in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    ckpt_dir = data_copy / "checkpoints" / "ranks"
+    for rank, output in zip(ranks, outputs, strict=True):
+        assert rank.returncode == 2, output[-3000:]
+    assert "injected on rank 1" in outputs[1]  # the cause, from the rank that hit it
+    # rank 0 is told by the save itself, not by a collective broken by rank 1's exit (on GPUs NCCL would wait)
+    assert "failed (on another rank: its log says why)" in outputs[0], outputs[0][-3000:]
+    assert latest_tag(ckpt_dir) == "step_00000001" and not (ckpt_dir / "step_00000002").exists()
     load_weights(ckpt_dir)
 
 

@@ -36,6 +36,18 @@ def test_known_gpus(name: str, auto: str, tflops: float) -> None:
     assert (gpu.peak_tflops("bf16") is None) == (gpu.capability < (8, 0))  # no bf16 tensor cores before Ampere
 
 
+@pytest.mark.parametrize(("name", "card"), [
+    ("RTX 4070 Ti", "RTX 4070 Ti"), ("rtx  4070 ti", "RTX 4070 Ti"), ("GeForce RTX 3060", "RTX 3060"),
+    ("T4", "Tesla T4"), ("H100 SXM", "H100 80GB HBM3"), ("V100-SXM2-32GB", "V100-SXM2"),
+    # other cards whose names contain a card of the table: not that card
+    ("RTX 3060 Ti", None), ("NVIDIA GeForce RTX 4070", None), ("NVIDIA GeForce RTX 4070 Laptop GPU", None),
+    ("NVIDIA H200 NVL", None), ("NVIDIA GH200 480GB", None), ("Quadro RTX 4000", None),
+])
+def test_gpu_names_are_matched_whole(name: str, card: str | None) -> None:
+    gpu = lookup_gpu(name)
+    assert (gpu.name if gpu else None) == card
+
+
 def test_unknown_gpu_has_no_peak() -> None:
     assert lookup_gpu("Some Future Accelerator") is None
     assert hardware.peak_tflops("bf16") is None  # this machine has no GPU

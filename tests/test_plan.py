@@ -121,6 +121,8 @@ def test_time_and_energy_follow_from_the_mfu() -> None:
 def test_an_unknown_card_needs_its_numbers() -> None:
     with pytest.raises(PipelineError, match=r"--gpu 'Voodoo 5' is not in the table.*--gpu-memory-gib"):
         plan(PlanConfig(gpu="Voodoo 5"))
+    with pytest.raises(PipelineError, match=r"--gpu 'RTX 3060 Ti' is not in the table"):  # 8 GB, not the 3060's 12
+        plan(PlanConfig(gpu="RTX 3060 Ti"))
     result = plan(PlanConfig(gpu="Voodoo 5", gpu_memory_gib=16, gpu_peak_tflops=100))
     assert result["gpu"] == {"name": "Voodoo 5", "memory_gib": 16, "precision": "bf16", "peak_tflops": 100,
                              "precision_reason": "auto: a card not in the table, taken to have bf16 tensor cores",

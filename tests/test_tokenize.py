@@ -55,15 +55,21 @@ def test_trained_bpe_is_lossless_and_recorded(raw: Path) -> None:
     assert tokenizer("a<|endoftext|>b")["input_ids"][1] == manifest["params"]["eot_id"]
 
 
-def test_gpt2_format_folder_gives_the_ids_of_transformers_gpt2_tokenizer(raw: Path) -> None:
+def gpt2_reference_ids(folder: Path) -> list[list[int]]:
+    """TEXTS through transformers' own (slow, pure-Python) GPT2Tokenizer from the folder's vocab.json and
+    merges.txt; "<|endoftext|>" inside a document is text (test_special_token_strings_inside_documents_are_...)."""
     from transformers import GPT2Tokenizer
 
-    folder = gpt2_format_folder(raw / "my-gpt2")
-    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer=str(folder)))
     vocab = json.loads((folder / "vocab.json").read_text())
     merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text().splitlines()[1:] if line]
     reference = GPT2Tokenizer(vocab=vocab, merges=merges)
-    assert token_documents(raw) == [reference(text)["input_ids"] for text in TEXTS]
+    return [reference(text, split_special_tokens=True)["input_ids"] for text in TEXTS]
+
+
+def test_gpt2_format_folder_gives_the_ids_of_transformers_gpt2_tokenizer(raw: Path) -> None:
+    folder = gpt2_format_folder(raw / "my-gpt2")
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer=str(folder)))
+    assert token_documents(raw) == gpt2_reference_ids(folder)
     assert (raw / "tokenizer" / "my-gpt2" / "tokenizer.json").is_file()
     assert read_manifest(raw / "tokens" / "docs", "tokenize")["encoder"] == "tiktoken"
 
@@ -108,7 +114,7 @@ def test_hub_name_is_loaded_through_the_hub_cache(raw: Path, tmp_path: Path) -> 
     result = subprocess.run([sys.executable, "-m", "pipeline.tokenize", "--corpus", "docs", "--tokenizer",
                              "testorg/tiny-gpt2"], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert token_documents(raw) == [tokenizer(text)["input_ids"] for text in TEXTS]
+    assert token_documents(raw) == gpt2_reference_ids(folder)
     assert read_manifest(raw / "tokenizer" / "tiny-gpt2", "tokenizer")["params"]["spec"] == "testorg/tiny-gpt2"
 
 
@@ -137,6 +143,38 @@ def test_a_unigram_tokenizer_with_its_own_document_tokens_and_over_65536_of_them
     header, tokens = read_shard(raw / "shards" / "docs" / index["shards"][0]["file"])
     assert header.dtype.itemsize == 4 and tokens[:2].tolist() == [2, 1]  # </s> <s> document ...
     assert index["eot_id"] == 2
+
+
+SPELLED = ["code that prints '<|endoftext|>' and more", "an HTML-ish <s>struck</s> word", "</s><s>", "<|endoftext|>"]
+
+
+@pytest.mark.parametrize("encoder", ["tiktoken", "tokenizers", "unigram"])
+def test_special_token_strings_inside_documents_are_ordinary_text(tmp_path: Path, encoder: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the separator the stages add is a control id: "<|endoftext|>", "<s>" or "</s>" written in a document
+    is encoded as those characters (a page about tokenizers must not be cut in two by a real end-of-text)."""
+    from transformers import AutoTokenizer
+
+    from pipeline import tokenize
+
+    texts = [*english_documents(20, 30), *SPELLED]
+    download(DownloadConfig(data_dir=tmp_path, source=str(write_jsonl(tmp_path / "docs.jsonl", texts))))
+    if encoder == "tokenizers":
+        monkeypatch.setattr(tokenize, "tiktoken_encoding", lambda path: None)
+    spec = str(write_sentencepiece_style(tmp_path / "unigram", texts)) if encoder == "unigram" else "bpe:300"
+    run(TokenizeConfig(data_dir=tmp_path, corpus="docs", tokenizer=spec))
+    manifest = read_manifest(tmp_path / "tokens" / "docs", "tokenize")
+    assert manifest["encoder"] == ("tiktoken" if encoder == "tiktoken" else "tokenizers")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer" / manifest["params"]["tokenizer"])
+    documents = token_documents(tmp_path, vocab_size=manifest["params"]["vocab_size"])
+    control = set(tokenizer.all_special_ids)
+    for text, ids in zip(texts, documents, strict=True):
+        body = ids[1:] if encoder == "unigram" else ids  # a Llama-style tokenizer's own <s> starts each document
+        assert not control & set(body), (text, ids)
+        assert tokenizer.decode(body) == (text if encoder != "unigram" else tokenizer.decode(
+            tokenizer(text, split_special_tokens=True, add_special_tokens=False)["input_ids"]))
+    if encoder == "unigram":
+        assert [ids[0] for ids in documents] == [tokenizer.bos_token_id] * len(texts)
 
 
 def test_tokenizer_without_end_of_text_is_refused(raw: Path) -> None:
@@ -235,30 +273,30 @@ def test_both_encoders_give_the_same_ids(raw: Path, tmp_path: Path, monkeypatch:
 
 
 @pytest.mark.slow
-def test_the_encoder_processes_end_with_a_killed_tokenize(tmp_path: Path) -> None:
-    """kill -9 leaves tokenize no moment to stop its pool: its encoder processes notice and exit, not orphans."""
-    import signal
+def test_the_encoder_processes_end_with_a_killed_tokenize(raw: Path) -> None:
+    """kill -9 leaves tokenize no moment to stop its pool. An idle encoder process waits on a queue whose pipe it
+    holds both ends of, so nothing would ever wake it: it watches its parent and exits with it, not an orphan."""
     import time
 
     import psutil
 
-    texts = english_documents(20_000, 60, seed=4)  # ~7 MB: seconds of encoding on two processes
-    download(DownloadConfig(data_dir=tmp_path, source=str(write_jsonl(tmp_path / "big.jsonl", texts))))
-    run(TokenizeConfig(data_dir=tmp_path, corpus="big", tokenizer="bpe:300", max_tokens=1))  # the tokenizer, once
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.tokenize", "--corpus", "big", "--tokenizer",
-                                "bpe:300", "--force"], cwd=REPO, env=subprocess_env(tmp_path),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers: list[psutil.Process] = []
-    deadline = time.monotonic() + 60
-    while len(workers) < 2 and time.monotonic() < deadline and process.poll() is None:
-        workers = [child for child in psutil.Process(process.pid).children()
-                   if "spawn_main" in " ".join(child.cmdline())]
-        time.sleep(0.02)
-    assert len(workers) >= 2, "tokenize started no encoder processes"
-    while not list(tmp_path.glob("tokens/.big.partial/part_*")) and process.poll() is None:
-        time.sleep(0.02)  # killed while the encoders are busy
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    run(TokenizeConfig(data_dir=raw, corpus="docs", tokenizer="bpe:300", max_tokens=1))  # the tokenizer, once
+    kill_with_idle_encoders = (
+        "import os, signal, sys, psutil\n"
+        "from pathlib import Path\n"
+        "from pipeline.tokenize import Encoder\n"
+        f"encoder = Encoder(Path({str(raw / 'tokenizer' / 'docs-bpe300')!r}), 300, ['a text'], None)\n"
+        "assert encoder.library == 'tiktoken'\n"
+        "encoder.pool.submit(int).result()  # the workers are up, and idle\n"
+        "print(*[child.pid for child in psutil.Process().children() if 'spawn_main' in ' '.join(child.cmdline())])\n"
+        "sys.stdout.flush()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.Popen([sys.executable, "-c", kill_with_idle_encoders], cwd=REPO, env=subprocess_env(raw),
+                              stdout=subprocess.PIPE, text=True)  # an orphan would hold the pipe: read one line
+    workers = [psutil.Process(int(pid)) for pid in killed.stdout.readline().split()]
+    assert killed.wait(timeout=120) == -9
+    killed.stdout.close()
+    assert workers, "tokenize started no encoder processes"
     deadline = time.monotonic() + 10
     while (alive := [w for w in workers if _running(w)]) and time.monotonic() < deadline:
         time.sleep(0.1)
