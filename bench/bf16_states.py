@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from common import REPO, write_result
 
+from pipeline import schedule as schedules
 from pipeline.data import TokenSequences, TrainBatches
 from pipeline.dsconfig import load_ds_config
 from pipeline.evaluate import validation_loss
@@ -39,7 +40,6 @@ from pipeline.model import FUSED_GELU, build, lm_loss, optimizer_groups
 from pipeline.precision import cpu_flags, cpu_model
 from pipeline.shard_format import load_index
 from pipeline.stage import parse_config
-from pipeline.train import lr_ratio
 
 ARMS = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-sr": torch.bfloat16}
 
@@ -92,9 +92,10 @@ def train_arm(config: StatesBenchConfig, arm: str) -> dict[str, Any]:
         optimizer = DeepSpeedCPUAdam(groups, lr=adam["lr"], betas=adam["betas"], eps=adam["eps"], adamw_mode=True,
                                      fp32_optimizer_states=dtype == torch.float32)
     curve, losses, started = [], [], time.perf_counter()
+    schedule = schedules.make("cosine", config.steps, config.warmup_steps, 0.1, 0)
     for step in range(config.steps):
         for group in optimizer.param_groups:  # torchao keeps the rate in a tensor, to be changed in place
-            rate = adam["lr"] * lr_ratio(step, config.warmup_steps, config.steps, 0.1)
+            rate = adam["lr"] * schedule.ratio(step)
             if torch.is_tensor(group["lr"]):
                 group["lr"].fill_(rate)
             else:

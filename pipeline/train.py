@@ -7,7 +7,8 @@ resumable exactly.
 
 The DeepSpeed JSON decides ZeRO stage, offload, precision, batch sizes and AdamW hyper-parameters; the flags
 below may override the batch sizes, precision and learning rate, and the merged config is logged and saved
-with the checkpoints. The learning rate follows a linear warmup then a cosine decay to --min-lr-ratio.
+with the checkpoints. The learning rate follows a linear warmup, then a cosine decay to --min-lr-ratio or
+warmup-stable-decay (--schedule wsd: extendable, and --cooldown-from branches a decayed run from its stable phase).
 Checkpoints go to `checkpoints/<run>/`; TensorBoard events, `metrics.jsonl` and `train.log` (the console's lines
 plus what is left off it: the merged config, library warnings) to `runs/<run>/`; starting
 the same command again resumes from the latest checkpoint.
@@ -23,7 +24,6 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +33,16 @@ import torch
 
 from pipeline import checkpoint, families, ledger, memory, nvme, preflight, pretrained
 from pipeline import precision as precisions
-from pipeline.artifacts import DiskNeed, bytes_in, input_entry, require_disk, write_json_atomic
+from pipeline import schedule as schedules
+from pipeline.artifacts import (
+    MANIFEST,
+    DiskNeed,
+    bytes_in,
+    input_entry,
+    require_disk,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.data import TokenSequences, TrainBatches, micro_batch_loader
 from pipeline.distributed import (
     StopSignal,
@@ -117,7 +126,19 @@ class TrainConfig(StageConfig):
     warmup_steps: int | None = field(default=None, metadata={"range": NON_NEGATIVE,
                                                              "help": "linear warmup steps (default: 5%% of max)"})
     min_lr_ratio: float = field(default=0.1, metadata={"range": RATIO,
-                                                       "help": "the cosine decays to this fraction of the peak"})
+                                                       "help": "the decay ends at this fraction of the peak"})
+    schedule: Literal["cosine", "wsd"] = field(default="cosine", metadata={
+        "help": "the learning rate after the warmup: cosine, decaying over the whole run (its length is fixed "
+                "once it starts); wsd, the peak until the run's last --decay, then a linear decay (a wsd run "
+                "extends with a larger --max-steps)"})
+    decay: float = field(default=0.2, metadata={"range": POSITIVE, "help": "wsd: the decay's length, a fraction "
+                                                                           "of the run (below 1) or steps"})
+    cooldown_from: str | None = field(default=None, metadata={
+        "help": "wsd: start this run (--run NAME) from a checkpoint of another run's stable phase "
+                "(checkpoints/RUN/step_N, under --data-dir or a path) and decay from there over --decay"})
+    allow_schedule_change: bool = field(default=False, metadata={
+        "help": "resume although the learning rate would jump at once (a cosine run given another --max-steps, "
+                "a wsd run extended inside its decay)"})
     micro_batch_size: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
                                                                  "help": "override the JSON's micro-batch"})
     grad_accum: int | None = field(default=None, metadata={"range": AT_LEAST_ONE,
@@ -250,19 +271,71 @@ def run_model_config(config: TrainConfig, start: Start | None, vocab_size: int, 
     return model, ({} if start is not None else {"model": values})
 
 
-def lr_ratio(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup to the peak over `warmup_steps`, then cosine decay to `min_ratio` at `max_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_schedule(config: TrainConfig, saved_run: dict[str, Any] | None = None) -> schedules.Schedule:
+    """The run's schedule. A resumed run keeps the warmup it started with unless --warmup-steps is given (its
+    default, 5% of --max-steps, would otherwise move when the run is extended)."""
+    warmup = config.warmup_steps
+    if warmup is None and saved_run and "schedule" in saved_run:
+        warmup = saved_run["schedule"]["warmup_steps"]
+    return schedules.make(config.schedule, config.max_steps, warmup, config.min_lr_ratio, config.decay)
 
 
-def lr_schedule(config: TrainConfig) -> partial[float]:
-    # A partial, not a lambda: LambdaLR then checkpoints no copy of it, so a resumed run with a longer
-    # --max-steps follows the new schedule.
-    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.max_steps // 20)
-    return partial(lr_ratio, warmup_steps=warmup, max_steps=config.max_steps, min_ratio=config.min_lr_ratio)
+def _check_schedule_continues(saved_run: dict[str, Any] | None, schedule: schedules.Schedule, step: int,
+                              allow: bool) -> None:
+    """Refuse a resume whose learning rate would jump: the next update's rate under the schedule the run was
+    trained on and under this one must agree."""
+    if not saved_run or "schedule" not in saved_run or step == 0:
+        return
+    before = schedules.from_json(saved_run["schedule"])
+    was, will = before.ratio(step), schedule.ratio(step)
+    if math.isclose(was, will, rel_tol=1e-9) or allow:
+        return
+    raise PipelineError(
+        f"resuming at step {step + 1} would move the learning rate at once from {was:.3g}x to {will:.3g}x of the "
+        f"peak: the run was trained on a {before.kind} schedule to step {before.max_steps}, and this one is "
+        f"{schedule.kind} to step {schedule.max_steps}. "
+        + ("A cosine's every step depends on the run's length: to train longer, start a run with --schedule wsd, "
+           "which extends. " if before.kind == "cosine" else "A wsd run extends only from its stable phase; a "
+           "decayed one continues from a stable checkpoint with --cooldown-from. ")
+        + "Pass --allow-schedule-change to accept the jump.")
+
+
+def branch_for_cooldown(config: TrainConfig, data: DataDir, ckpt_dir: Path, rank: int) -> TrainConfig:
+    """--cooldown-from: the new run starts from a checkpoint of another run's stable phase, hard-linked (a copy
+    across file systems) into its own folder with that run's records, and decays from there: its --max-steps
+    becomes the checkpoint's step plus the decay."""
+    from deepspeed import comm as dist
+
+    if config.schedule != "wsd":
+        raise PipelineError("--cooldown-from decays a warmup-stable-decay run: give --schedule wsd.")
+    source = Path(config.cooldown_from).expanduser()
+    if not source.is_dir():
+        source = data.root / "checkpoints" / config.cooldown_from
+    if not (source / "manifest.json").is_file() or not source.name.startswith(checkpoint.TAG_PREFIX):
+        runs = sorted(p.parent.name for p in (data.root / "checkpoints").glob(f"*/{checkpoint.TAG_PREFIX}*"))
+        raise PipelineError(
+            f"--cooldown-from {config.cooldown_from}: no checkpoint there. Give a step folder "
+            f"(checkpoints/RUN/{checkpoint.TAG_PREFIX}N) of a run that has one"
+            + (f": {', '.join(sorted(set(runs)))}." if runs else "; there are none yet."))
+    step = int(source.name.removeprefix(checkpoint.TAG_PREFIX))
+    if rank == 0 and not (ckpt_dir / "latest").exists():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for name in (MANIFEST, checkpoint.RUN_FILE, "ds_config.json", checkpoint.MODEL_CONFIG):
+            shutil.copy2(source.parent / name, ckpt_dir / name)
+        shutil.copytree(source, ckpt_dir / source.name, copy_function=_link_or_copy, dirs_exist_ok=True)
+        write_text_atomic(ckpt_dir / "latest", source.name)
+    dist.barrier()
+    max_steps = step + schedules.cooldown_length(config.decay, step)
+    log.info("run %s: a cooldown of %s from its step %d, decaying to step %d", ckpt_dir.name, source.parent.name,
+             step, max_steps)
+    return replace(config, max_steps=max_steps)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name: str,
@@ -280,8 +353,8 @@ def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name
         raise PipelineError(" ".join(problems))
     if "scheduler" in ds:
         raise PipelineError(
-            f"{config.deepspeed} has a \"scheduler\" section; onecard sets the schedule itself (warmup + cosine: "
-            "--warmup-steps, --min-lr-ratio). Remove the section."
+            f"{config.deepspeed} has a \"scheduler\" section; onecard sets the schedule itself (--schedule, "
+            "--warmup-steps, --min-lr-ratio, --decay). Remove the section."
         )
     if ds.get("zero_optimization", {}).get("stage", 0) == 0:
         raise PipelineError(f"{config.deepspeed} does not enable ZeRO; use stage 1, 2 or 3 (see ds_configs/).")
@@ -290,10 +363,12 @@ def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name
 
 
 def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any], shards_dir: Path, seq_len: int,
-                 world_size: int, start: Start | None, model: dict[str, Any]) -> dict[str, Any]:
-    """What a resumed run must keep (max_steps may change: it extends the run), and its layout (LAYOUT), which
-    may change as long as the global batch stays the same. A run from released weights keeps where they came
-    from (`init`), one from a --model config.json the config's values (`model`)."""
+                 world_size: int, start: Start | None, model: dict[str, Any],
+                 schedule: schedules.Schedule) -> dict[str, Any]:
+    """What a resumed run must keep, and its layout (LAYOUT), which may change as long as the global batch stays
+    the same. Of the schedule, its kind, warmup and floor: its length may change (a wsd run extends) as long as
+    the rate does not jump (`_check_schedule_continues`). A run from released weights keeps where they came from
+    (`init`), one from a --model config.json the config's values (`model`)."""
     identity = {"corpus": config.corpus, "shards": input_entry(shards_dir)["manifest_sha256"],
                 "vocab_size": index["vocab_size"], "preset": config.preset, "seq_len": seq_len,
                 "seed": config.seed, "dropout": config.dropout, "train_batch_size": ds["train_batch_size"],
@@ -301,7 +376,9 @@ def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any],
                 "grad_accum": ds["gradient_accumulation_steps"],
                 "zero_stage": ds["zero_optimization"]["stage"], "offload": offload_devices(ds),
                 "precision": precisions.precision_of(ds), "optimizer": ds["optimizer"],
-                "gradient_clipping": ds.get("gradient_clipping"), **model}
+                "gradient_clipping": ds.get("gradient_clipping"), **model,
+                "schedule": {"kind": schedule.kind, "warmup_steps": schedule.warmup_steps,
+                             "min_lr_ratio": schedule.min_ratio}}
     if start is not None:
         identity["init"] = start.source
     return json.loads(json.dumps(identity))  # as it reads back from run.json (tuples become lists)
@@ -312,14 +389,12 @@ def run_identity(config: TrainConfig, ds: dict[str, Any], index: dict[str, Any],
 LAYOUT = ("world_size", "micro_batch_size", "grad_accum")
 
 
-def _check_resume(ckpt_dir: Path, identity: dict[str, Any], choice: precisions.Choice,
-                  allow_precision_change: bool) -> bool:
+def _check_resume(ckpt_dir: Path, run_file: dict[str, Any] | None, identity: dict[str, Any],
+                  choice: precisions.Choice, allow_precision_change: bool) -> bool:
     """Refuse to resume a run with settings that would make it another run; whether it switches precision."""
-    path = ckpt_dir / checkpoint.RUN_FILE
-    if not path.is_file():
+    if run_file is None:
         return False
-    run_file = json.loads(path.read_text())
-    saved = run_file["identity"]
+    saved = {"schedule": identity["schedule"], **run_file["identity"]}  # a run from before schedules were kept
     switches = saved.get("precision") != identity["precision"]
     if switches and not allow_precision_change:
         was = run_file.get("precision", {}).get("reason")
@@ -408,6 +483,7 @@ class Session:
     model_config: Any  # the transformers config of the model
     shape: families.Shape
     host_estimate: dict[str, float]  # one rank's host RAM by kind, as the memory model has it (pipeline/memory.py)
+    schedule: schedules.Schedule
 
     @property
     def ckpt_dir(self) -> Path:
@@ -455,8 +531,8 @@ def run(config: TrainConfig) -> Path:
     try:
         trainee = build_trainee(session, clock)
         done = train(session, trainee, clock)
-        log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", session.name, done, config.max_steps,
-                 time.time() - clock.started, session.ckpt_dir)
+        log.info("trained %s to step %d of %d in %.0fs; checkpoints in %s", session.name, done,
+                 session.config.max_steps, time.time() - clock.started, session.ckpt_dir)
     finally:
         # DeepSpeed's NVMe swap is scratch (a resume starts it anew from the checkpoint's copy): tens of GB that a
         # finished or failed run must not leave behind
@@ -491,12 +567,17 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
         cap_gpu_memory(config.gpu_mem_cap)
     estimate = check_fits(config, ds, shape, seq_len) if config.preflight else None
     _check_disk(start_disk_needs(config, ds, ckpt_dir, shape.parameters))
-    identity = run_identity(config, ds, index, shards_dir, seq_len, world_size, start, model_identity)
     if rank == 0 and config.force:
         for folder in (ckpt_dir, data.runs(name), *nvme.swap_folders(ds)):
             shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
-    switches_precision = _check_resume(ckpt_dir, identity, choice, config.allow_precision_change)
+    if config.cooldown_from:
+        config = branch_for_cooldown(config, data, ckpt_dir, rank)
+    saved_run = json.loads(run_file.read_text()) if (run_file := ckpt_dir / checkpoint.RUN_FILE).is_file() else None
+    schedule = lr_schedule(config, saved_run)
+    identity = run_identity(config, ds, index, shards_dir, seq_len, world_size, start, model_identity, schedule)
+    switches_precision = _check_resume(ckpt_dir, saved_run, identity, choice, config.allow_precision_change)
+    _check_schedule_continues(saved_run, schedule, checkpoint.latest_step(ckpt_dir), config.allow_schedule_change)
     end_step = min(config.max_steps, config.stop_after or config.max_steps)
     if checkpoint.latest_step(ckpt_dir) >= end_step:
         log.info("run %s is already trained to step %d: nothing to do", name, checkpoint.latest_step(ckpt_dir))
@@ -505,7 +586,7 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
         log_to_file(data.runs(name) / "train.log")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(ckpt_dir / checkpoint.RUN_FILE, {"identity": identity, "config": asdict(config),
-                                                           "precision": asdict(choice),
+                                                           "schedule": schedule.to_json(), "precision": asdict(choice),
                                                            "tokenizer": index["tokenizer"]})
         write_json_atomic(ckpt_dir / "ds_config.json", ds)
         write_json_atomic(ckpt_dir / checkpoint.MODEL_CONFIG, model.to_diff_dict())  # what evaluate builds
@@ -516,7 +597,7 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
     log.debug("merged config:\n%s", merged_config(config, ds, choice))
     return Session(config, name, rank, world_size, data, index, ds, identity, seq_len, end_step, estimate, start,
                    choice, switches_precision, model, shape,
-                   memory.host_bytes(ds, shape, world_size, torch.cuda.is_available()))
+                   memory.host_bytes(ds, shape, world_size, torch.cuda.is_available()), schedule)
 
 
 def start_disk_needs(config: TrainConfig, ds: dict[str, Any], ckpt_dir: Path, params: int) -> list[DiskNeed]:
@@ -576,7 +657,7 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
     n_params, flops = parameter_count(model), session.shape.flops_per_token(session.seq_len)
     clock.lap("model")
     clock.lap("op loads", excluded=sum(seconds for seconds, built in load_ops(ds).values() if built))
-    schedule = lr_schedule(config)
+    schedule = session.schedule.as_lambda()
     resharding = _resharding(session.ckpt_dir, ds, session.world_size)
     if offload_devices(ds)[0] == "nvme" and not torch.cuda.is_available():
         nvme.fix_cpu_parameter_swapping()

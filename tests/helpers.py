@@ -107,7 +107,7 @@ def plain_adamw(model, batches, steps: int, accum: int, lr: float, warmup_steps:
     optimizer = torch.optim.AdamW(optimizer_groups(model, adam["weight_decay"]), lr=lr, betas=adam["betas"],
                                   eps=adam["eps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_schedule(TrainConfig(max_steps=steps, warmup_steps=warmup_steps)))
+        optimizer, lr_schedule(TrainConfig(max_steps=steps, warmup_steps=warmup_steps)).as_lambda())
     losses = []
     for step in range(steps):
         total = 0.0

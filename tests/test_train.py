@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import REPO, deepspeed_launcher, english_documents, plain_adamw, prepare, subprocess_env, write_jsonl
 
+from pipeline import schedule as schedules
 from pipeline.checkpoint import latest_tag, load_weights
 from pipeline.data import TokenSequences, TrainBatches
 from pipeline.dsconfig import load_ds_config
@@ -227,7 +228,8 @@ def test_the_canonical_command_works_as_written(data_copy: Path) -> None:
     continues that run rather than starting a new one."""
     command = ["launch/train.py", "--deepspeed", "ds_configs/zero3_offload.json", "--seq-len", str(SEQ_LEN),
                "--micro-batch-size", "2"]
-    result = launch(data_copy, *command, "--max-steps", "3", "--eval-every", "0")  # the run that continues it evaluates
+    # stopped at 3 of 4 (so the schedule is the one the next run continues); the run that continues it evaluates
+    result = launch(data_copy, *command, "--max-steps", "4", "--stop-after", "3", "--eval-every", "0")
     assert "ZeRO-3, parameters on CPU, optimizer on CPU" in result.stderr + result.stdout
     def runs() -> list[str]:  # the shared test data may hold other tests' runs
         return sorted(p.name for p in (data_copy / "checkpoints").glob("builtin-tiny-zero3_offload*"))
@@ -277,6 +279,46 @@ def test_resume_on_more_ranks_through_the_universal_checkpoint(data_copy: Path, 
     # every group with its own weight decay (DeepSpeed's ZeRO-3 universal load alone would decay the LayerNorm
     # gains too: off by 3e-4 here)
     assert all(torch.allclose(grown_weights[k], whole_weights[k], rtol=0, atol=1e-6) for k in whole_weights)
+
+
+def test_a_wsd_run_extends_from_300_to_600_steps_without_a_jump(data_copy: Path) -> None:
+    """A 300-step WSD run stopped in its stable phase, then given --max-steps 600: every step's rate, before the
+    extension and after it, is the 600-step schedule's, so nothing jumps where the run was extended. (Steps 4
+    and 8 stand for any stable-phase stops: the schedules' whole shapes are tests/test_schedule.py's.)"""
+    common = {"schedule": "wsd", "checkpoint_every": 0}
+    train(data_copy, "zero2_offload", "wsd", max_steps=300, stop_after=4, **common)
+    extended = train(data_copy, "zero2_offload", "wsd", max_steps=600, stop_after=8, **common)
+    assert [m["step"] for m in extended] == list(range(1, 9))
+    wsd = schedules.make("wsd", 600, 2, 0.1, 0.2)
+    assert [m["lr"] for m in extended] == pytest.approx([2e-3 * wsd.ratio(k) for k in range(8)], rel=1e-6)
+    assert [m["lr"] for m in extended[2:]] == pytest.approx([2e-3] * 6)  # the peak, on both sides of step 4
+
+
+def test_a_cosine_run_resumed_with_another_length_is_refused_with_the_jump_named(data_copy: Path) -> None:
+    train(data_copy, "zero2_offload", "cosine", max_steps=12, stop_after=6)
+    with pytest.raises(PipelineError, match=r"resuming at step 7 would move the learning rate at once from 0\.\d+x "
+                                            r"to 0\.\d+x of the peak.*--schedule wsd.*--allow-schedule-change"):
+        train(data_copy, "zero2_offload", "cosine", max_steps=24)
+    with pytest.raises(PipelineError, match=r"different settings \(schedule\)"):  # every setting but the length
+        train(data_copy, "zero2_offload", "cosine", max_steps=12, min_lr_ratio=0.2)
+    resumed = train(data_copy, "zero2_offload", "cosine", max_steps=24, allow_schedule_change=True)
+    assert resumed[6]["lr"] == pytest.approx(2e-3 * schedules.make("cosine", 24, 2, 0.1, 0).ratio(6))
+
+
+def test_cooldown_from_branches_a_decayed_run_from_a_stable_checkpoint(data_copy: Path) -> None:
+    main = train(data_copy, "zero2_offload", "main", schedule="wsd", max_steps=12, checkpoint_every=4,
+                 keep_checkpoints=3)
+    cool = train(data_copy, "zero2_offload", "main-cool", schedule="wsd", decay=4,
+                 cooldown_from="main/step_00000004")
+    assert [m["step"] for m in cool] == [5, 6, 7, 8]  # from step 4, decaying over 4 steps to step 8
+    assert cool[0]["loss"] == pytest.approx(main[4]["loss"], rel=1e-6)  # the same state, the same batch
+    wsd = schedules.make("wsd", 8, 2, 0.1, 4)
+    assert [m["lr"] for m in cool] == pytest.approx([2e-3 * wsd.ratio(k) for k in range(4, 8)])
+    assert cool[0]["lr"] == pytest.approx(2e-3) and cool[-1]["lr"] < cool[-2]["lr"] < cool[0]["lr"]
+    assert latest_tag(data_copy / "checkpoints" / "main") == "step_00000012"  # the run it came from: untouched
+    assert latest_tag(data_copy / "checkpoints" / "main-cool") == "step_00000008"
+    with pytest.raises(PipelineError, match=r"--cooldown-from main/step_00000099: no checkpoint there.*main"):
+        train(data_copy, "zero2_offload", "other-cool", schedule="wsd", cooldown_from="main/step_00000099")
 
 
 def test_the_layout_may_change_but_not_the_global_batch(data_copy: Path, tmp_path: Path) -> None:
