@@ -156,7 +156,8 @@ def save(engine: Any, model: torch.nn.Module, ckpt_dir: Path, step: int, client_
     failures: list[Exception] = []
     if dist.get_rank() == 0:
         _recorded(failures, _fresh_folder, folder)  # a crashed save's half-written folder: never `latest`
-    _recorded(failures, write_fp32_weights, model, folder / WEIGHTS)  # a collective: every rank takes part
+    # a collective: every rank takes part, rank 0 too when its folder could not be made (its open then fails)
+    _recorded(failures, write_fp32_weights, model, folder / WEIGHTS)
     if not any_rank(bool(failures)):
         with _writes_recorded(engine, failures):
             engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
@@ -348,12 +349,12 @@ def _fresh_folder(folder: Path) -> None:
 
 
 def _recorded(failures: list[Exception], action: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    """Run `action` unless a write has failed already; a failure of its own is appended to `failures`."""
-    if not failures:
-        try:
-            action(*args, **kwargs)
-        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-            failures.append(error)
+    """Run `action`, even after an earlier failure (it may be a collective the other ranks are in); a failure of
+    its own is appended to `failures`."""
+    try:
+        action(*args, **kwargs)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        failures.append(error)
 
 
 @contextmanager

@@ -312,11 +312,11 @@ def branch_for_cooldown(config: TrainConfig, data: DataDir, ckpt_dir: Path, rank
     if not source.is_dir():
         source = data.root / "checkpoints" / config.cooldown_from
     if not (source / "manifest.json").is_file() or not source.name.startswith(checkpoint.TAG_PREFIX):
-        runs = sorted(p.parent.name for p in (data.root / "checkpoints").glob(f"*/{checkpoint.TAG_PREFIX}*"))
+        runs = sorted({p.parent.name for p in (data.root / "checkpoints").glob(f"*/{checkpoint.TAG_PREFIX}*")})
         raise PipelineError(
             f"--cooldown-from {config.cooldown_from}: no checkpoint there. Give a step folder "
             f"(checkpoints/RUN/{checkpoint.TAG_PREFIX}N) of a run that has one"
-            + (f": {', '.join(sorted(set(runs)))}." if runs else "; there are none yet."))
+            + (f": {', '.join(runs)}." if runs else "; there are none yet."))
     step = int(source.name.removeprefix(checkpoint.TAG_PREFIX))
     if rank == 0 and not (ckpt_dir / "latest").exists():
         ckpt_dir.mkdir(parents=True, exist_ok=True)

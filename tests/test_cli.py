@@ -80,6 +80,9 @@ def test_every_numeric_option_states_its_range_and_refuses_a_value_outside_it(ca
     checked = []
     for config in (DownloadConfig, TokenizeConfig, ShardConfig, TrainConfig, EvaluateConfig, PlanConfig):
         hints = typing.get_type_hints(config)
+        with pytest.raises(SystemExit):
+            parse_config(config, ["--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
         for option in dataclasses.fields(config):
             kind = next((k for k in (int, float) if k in (typing.get_args(hints[option.name]) or [hints[option.name]])),
                         None)
@@ -99,8 +102,6 @@ def test_every_numeric_option_states_its_range_and_refuses_a_value_outside_it(ca
                     parse_config(config, [flag, str(value)])
                 error = capsys.readouterr().err
                 assert exited.value.code == 2 and f"argument {flag}" in error and "outside its range" in error, error
-            with pytest.raises(SystemExit):
-                parse_config(config, ["--help"])
-            assert f"({bound})" in " ".join(capsys.readouterr().out.split())
+            assert f"({bound})" in help_text
             checked.append(flag)
     assert {"--log-every", "--keep-checkpoints", "--val-fraction", "--mfu", "--max-docs"} <= set(checked)
