@@ -5,7 +5,7 @@
 #   make test                install, then lint and run the test suite
 #   make test-fast           the tests that need no DeepSpeed engine (under 2 minutes)
 #   make train PRESET=gpt2-xl CONFIG=ds_configs/zero3_nvme.json STEPS=1000
-#   make train INIT_FROM=openai-community/gpt2-xl TOKENIZER=gpt2 CONFIG=ds_configs/zero2_offload.json   fine-tune
+#   make train INIT_FROM=openai-community/gpt2-xl TOKENIZER=gpt2 CONFIG=ds_configs/zero3_offload.json   fine-tune
 #   make train INIT_FROM=Qwen/Qwen2.5-1.5B SOURCE=my-text.jsonl           continue a Qwen2.5 on your own text
 #   make train MODEL=path/to/config.json TOKENIZER=path/to/tokenizer     a Llama/Qwen2/Mistral/GPT-2 from scratch
 #   make tensorboard         serve data/runs on http://127.0.0.1:6006

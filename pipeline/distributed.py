@@ -7,15 +7,16 @@ import os
 import signal
 import socket
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import torch
 
-from pipeline.dsconfig import use_this_environments_ninja
+from pipeline.dsconfig import ask_for_the_cpu_once, use_this_environments_ninja
 
 log = logging.getLogger("onecard")
 LAUNCHER = "deepspeed.launcher.launch"
+T = TypeVar("T")
 
 
 def init_distributed() -> None:
@@ -23,12 +24,16 @@ def init_distributed() -> None:
     import deepspeed
 
     use_this_environments_ninja()  # before DeepSpeed loads its communication op
+    ask_for_the_cpu_once()
     if "RANK" not in os.environ:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(verbose=False)
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))  # each rank's own GPU before its first collective
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -46,6 +51,15 @@ def any_rank(condition: bool) -> bool:
 
     flag = torch.tensor([float(condition)], device=get_accelerator().current_device_name())
     return bool(all_reduce_sum(flag)[0] > 0)
+
+
+def every_rank(value: T) -> list[T]:
+    """Every rank's `value`, in rank order, on every rank. A collective, like any_rank."""
+    from deepspeed import comm as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def under_deepspeed_launcher() -> bool:

@@ -8,6 +8,7 @@ before DeepSpeed sees it (with errors that name the file and the field), and it 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -238,6 +239,16 @@ def use_this_environments_ninja() -> None:
         os.environ["PATH"] = f"{tools}{os.pathsep}{path}"
 
 
+def ask_for_the_cpu_once() -> None:
+    """Make py-cpuinfo's get_cpu_info answer once per process. It starts a Python subprocess at every call (1.5 s on
+    a 2-core machine), and DeepSpeed calls it three times in every start on the CPU (its op builders' CPU checks,
+    then CPU Adam's constructor), and again for every engine a process builds."""
+    import cpuinfo
+
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
+
+
 def _load_ops(names: list[str]) -> dict[str, tuple[float, bool]]:
     import time
 
@@ -245,6 +256,7 @@ def _load_ops(names: list[str]) -> dict[str, tuple[float, bool]]:
     from torch.utils.cpp_extension import _get_build_directory
 
     use_this_environments_ninja()
+    ask_for_the_cpu_once()
     loaded = {}
     for name in names:
         builder = get_accelerator().create_op_builder(name)

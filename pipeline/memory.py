@@ -64,6 +64,8 @@ def gpu_memory_bytes(ds: dict[str, Any], shape: Shape, seq_len: int, micro: int,
     widen = 2.0 if precisions.precision_of(ds) == "fp32" else 1.0
     gpu, working, buffers, activations, gradients = (widen * term for term in
                                                      (gpu, working, buffers, activations, gradients))
+    if stage < 3 and precisions.fp32_accumulation_buffer(ds):  # instead, the fp32 sum of the micro-steps
+        gradients = (gradients if stage == 2 else 0.0) + 4 * params
     allocated = gpu + working + buffers + activations + logits
     return {"model_states": gpu, "gradients": gradients, "working_parameters": working,
             "buffers": buffers, "activations": activations, "logits": logits, "allocated": allocated + gradients,
@@ -91,6 +93,7 @@ def host_bytes(ds: dict[str, Any], shape: Shape, world_size: int = 1, on_gpu: bo
     params, matrices = shape.parameters, shape.matrices()
     partition, largest = params / world_size, max(matrices)
     element = nvme.element_bytes(ds)  # the model's own weights and gradients
+    summed = 4 if precisions.fp32_accumulation_buffer(ds) else element  # what the micro-steps' gradients sum in
     bf16 = ds.get("bf16", {})
     master = 2 if bf16.get("bf16_master_weights_and_grads") else 4
     moment = 2 if bf16.get("bf16_optimizer_states") else 4
@@ -109,19 +112,20 @@ def host_bytes(ds: dict[str, Any], shape: Shape, world_size: int = 1, on_gpu: bo
     if optimizer_device == "nvme":
         kinds["swap_buffers"] += 4 * zero["offload_optimizer"].get("buffer_count", 4) * max(map(sum, groups))
         locked[0] += kinds["swap_buffers"] if on_gpu else 0.0  # DeepSpeed's aio allocates them page-locked
-        kinds["gradients"] += pinned_bytes(element * partition, pin)  # gathered on the host before the swap
+        kinds["gradients"] += pinned_bytes(summed * partition, pin)  # gathered on the host before the swap
     elif optimizer_device == "cpu" and stage == 3:
         kinds["master"] += master * partition
         kinds["moments"] += 2 * moment * partition
-        # the gradients as ZeRO-3 gathers them, in the model's precision, then in fp32 per optimizer sub-group
-        kinds["gradients"] += pinned_bytes(element * partition, pin) + sum(
+        # the gradients as ZeRO-3 gathers them, in what the micro-steps sum in, then in fp32 per optimizer sub-group
+        kinds["gradients"] += pinned_bytes(summed * partition, pin) + sum(
             pinned_bytes(master * sum(group), pin) for group in groups)
     elif optimizer_device == "cpu":
         kinds["master"] += pinned_bytes(master * partition, pin)
         kinds["moments"] += 2 * moment * partition
         # the master partition's gradients, and the buffer each gradient is copied through
         kinds["gradients"] += pinned_bytes(master * partition, pin) + pinned_bytes(element * largest, pin)
-        if stage == 2 and ds["gradient_accumulation_steps"] > 1 and master == 4:  # summed across micro-steps
+        if stage == 2 and ds["gradient_accumulation_steps"] > 1 and master == 4 and summed == element:
+            # summed across micro-steps on the host in the model's precision (an fp32 sum is on the device)
             kinds["gradients"] += sum(pinned_bytes(element * m / world_size, pin) for m in matrices)
         kinds["model"] += pinned_bytes(element * partition, pin)  # the staging copy for the upload after CPU Adam
     swap = nvme.param_swap(ds, shape, world_size)

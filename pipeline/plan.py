@@ -205,14 +205,15 @@ def plan(config: PlanConfig) -> dict[str, Any]:
         shipped_ds = load_ds_config(path)
         if precisions.bf16_states(shipped_ds) and gpu["precision"] != "bf16":
             continue  # bf16 states need a card that trains in bf16
-        ds = precisions.apply(shipped_ds, gpu["precision"])
         micros = [config.micro_batch_size] if config.micro_batch_size else [32, 16, 8, 4, 2, 1]
-        for micro in micros:
+        for micro in micros:  # the batch layout settles the precision's too: accumulation sums in fp32
+            accum = max(1, math.ceil(config.global_batch_tokens / (micro * config.seq_len)))
+            ds = precisions.apply({**shipped_ds, "train_micro_batch_size_per_gpu": micro,
+                                   "gradient_accumulation_steps": accum}, gpu["precision"])
             memory = gpu_memory_bytes(ds, shape, config.seq_len, micro, config.activation_checkpointing)
             if memory["total"] <= gpu["memory_gib"] * GIB:
                 break
-        accum = max(1, math.ceil(config.global_batch_tokens / (micro * config.seq_len)))
-        ds = nvme.settle({**ds, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}, shape)
+        ds = nvme.settle(ds, shape)
         host, nvme_bytes = host_total(host_bytes(ds, shape)) + PROCESS_BYTES, disk_bytes(ds, params)
         fits = {"gpu": memory["total"] <= gpu["memory_gib"] * GIB, "host": host <= 0.9 * config.host_ram_gib * GIB,
                 "nvme": nvme_bytes <= config.nvme_free_gib * GIB}

@@ -10,6 +10,9 @@ engine is built, by what the device runs natively:
     a CPU with AVX512-BF16 or AMX-BF16                      bf16   native bf16 dot products
     any other CPU                                           fp32   bf16 is emulated (AVX2: a step 12-17x slower)
 
+Ranks whose devices choose differently (a mixed pair of GPUs) all train in the precision every one of them runs
+natively: fp32 runs anywhere, and a card with bf16 tensor cores has fp16 ones too.
+
 `torch.cuda.is_bf16_supported()` and `torch.ops.mkldnn._is_mkldnn_bf16_supported()` are no guide: both say yes
 where bf16 is only emulated (a Turing card, any AVX-512 CPU).
 """
@@ -36,6 +39,8 @@ AUTO = "auto"
 # `loss_scale_window` clean steps, and never goes below `min_loss_scale`.
 FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
                      "min_loss_scale": 1}
+# From the precision the most devices run natively to the fewest (see `common`).
+NATIVE_EVERYWHERE = ("fp32", "fp16", "bf16")
 # The CPU instruction sets with native bf16 dot products, as /proc/cpuinfo names them.
 CPU_BF16_FLAGS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) that still allow those instructions; a lower cap makes bf16 emulated.
@@ -107,6 +112,16 @@ def detect() -> Choice:
     return for_cpu(cpu_model(), cpu_flags(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
+def common(choices: list[Choice]) -> Choice:
+    """One `auto` for ranks whose devices chose `choices` (in rank order): theirs where they agree, else the
+    precision every one of them runs natively."""
+    if len({choice.precision for choice in choices}) == 1:
+        return choices[0]
+    weakest = min(choices, key=lambda choice: NATIVE_EVERYWHERE.index(choice.precision))
+    ranks = "; ".join(f"rank {rank}: {choice}" for rank, choice in enumerate(choices))
+    return Choice(weakest.precision, f"auto, the precision every rank runs natively ({ranks})")
+
+
 def asked(ds: dict[str, Any], source: str, override: str | None) -> tuple[str, str]:
     """(the precision asked for — one of PRECISIONS or AUTO —, who asked): --precision, else the JSON."""
     if override is not None:
@@ -158,12 +173,25 @@ def precision_of(ds: dict[str, Any]) -> str:
 
 
 def apply(ds: dict[str, Any], precision: str) -> dict[str, Any]:
-    """A copy of the config computing in `precision`."""
+    """A copy of the config computing in `precision`. A bf16 or fp16 run that accumulates gradients over micro-steps
+    sums them in fp32 (`data_types.grad_accum_dtype`, unless the JSON sets it): DeepSpeed otherwise sums them in the
+    model's precision, where eight bf16 micro-batches lose the low bits each sum would keep (tests/test_precision.py
+    measures it)."""
     ds = {**ds, "bf16": {**ds.get("bf16", {}), "enabled": precision == "bf16"},
           "fp16": {**ds.get("fp16", {}), "enabled": precision == "fp16"}}
     if precision == "fp16":
         ds["fp16"] = {**FP16_LOSS_SCALING, **ds["fp16"]}
+    if precision != "fp32" and ds.get("gradient_accumulation_steps", 1) > 1:
+        ds["data_types"] = {"grad_accum_dtype": "fp32", **ds.get("data_types", {})}
     return ds
+
+
+def fp32_accumulation_buffer(ds: dict[str, Any]) -> bool:
+    """Whether DeepSpeed sums a settled config's gradients in an fp32 buffer of its own: a bf16 or fp16 run whose
+    grad_accum_dtype is fp32. ZeRO-1 and 2 keep it on the device while the micro-steps add to it (4 bytes per
+    parameter of the rank's partition, instead of ZeRO-1's 16-bit gradients or ZeRO-2's 16-bit host sums), ZeRO-3
+    gathers each gradient partition on the host in fp32 instead of the model's precision."""
+    return precision_of(ds) != "fp32" and ds.get("data_types", {}).get("grad_accum_dtype") == "fp32"
 
 
 def _check_fp16() -> None:

@@ -48,6 +48,7 @@ from pipeline.distributed import (
     StopSignal,
     all_reduce_sum,
     any_rank,
+    every_rank,
     init_distributed,
     launch_time,
     under_deepspeed_launcher,
@@ -347,7 +348,8 @@ def deepspeed_config(config: TrainConfig, world_size: int, data_root: Path, name
         nvme_path=config.nvme_path, micro_batch_size=config.micro_batch_size, grad_accum=config.grad_accum,
         lr=config.lr,
     )
-    ds, choice = precisions.resolve(ds, config.deepspeed, config.precision)
+    ds, choice = precisions.resolve(ds, config.deepspeed, config.precision,
+                                    lambda: precisions.common(every_rank(precisions.detect())))
     ds = nvme.settle(ds, shape, world_size)
     if problems := nvme.param_buffer_problems(ds, shape, world_size, config.deepspeed):
         raise PipelineError(" ".join(problems))

@@ -123,3 +123,23 @@ def test_the_install_builds_every_op_the_configs_load() -> None:
                             timeout=600)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert "True" not in loaded.stdout.splitlines()[-1], loaded.stdout
+
+
+@pytest.mark.slow
+def test_deepspeed_asks_py_cpuinfo_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """py-cpuinfo answers each question from a new Python process (1.5 s); DeepSpeed asks at every op load and every
+    CPU Adam. Loading a config's ops and building two CPU Adams ask once."""
+    import cpuinfo
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from pipeline.dsconfig import load_ops
+
+    answer, asked = cpuinfo.cpuinfo.get_cpu_info_json, []  # what get_cpu_info calls to start the process
+    monkeypatch.setattr(cpuinfo.cpuinfo, "get_cpu_info_json", lambda: asked.append(1) or answer())
+    # as a new process has it, whether or not this one has asked before
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", getattr(cpuinfo.get_cpu_info, "__wrapped__", cpuinfo.get_cpu_info))
+    load_ops(load_ds_config(REPO / "ds_configs" / "zero2_offload.json"))
+    for _ in range(2):
+        DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(4))])
+    assert len(asked) == 1
