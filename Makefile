@@ -44,6 +44,7 @@ PY := $(VENV)/bin/python
 # The venv's tools first: DeepSpeed JIT-builds its ops with whatever `ninja` is on PATH, and a different
 # ninja than last time rebuilds them all.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+PACKAGES := $(VENV)/.onecard-packages
 INSTALLED := $(VENV)/.onecard-installed
 TEST_INSTALLED := $(VENV)/.onecard-test-installed
 export ONECARD_DATA := $(DATA)
@@ -58,18 +59,21 @@ CKPT   := $(DATA)/checkpoints/$(RUN)/manifest.json
 install: $(INSTALLED)
 
 # torch first, pinned, so that pip takes the build meant for this machine (a local CPU wheel where one is
-# provided) instead of whatever the dependency range would pull. DeepSpeed's ops (CPU Adam, async I/O) are built
-# here, once, rather than in the first training run.
-$(INSTALLED): pyproject.toml
+# provided) instead of whatever the dependency range would pull.
+$(PACKAGES): pyproject.toml
 	sh launch/system_deps.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e .
+	touch $@
+
+# DeepSpeed's ops (CPU Adam, async I/O) are built here, once, rather than in the first training run.
+$(INSTALLED): $(PACKAGES)
 	$(PY) launch/build_ops.py
 	touch $@
 
-# What only the tests need (pytest, ruff, EleutherAI's lm-evaluation-harness), on top of the install.
-$(TEST_INSTALLED): $(INSTALLED)
+# What only the tests need (pytest, ruff, EleutherAI's lm-evaluation-harness), on top of the packages.
+$(TEST_INSTALLED): $(PACKAGES)
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
@@ -114,7 +118,9 @@ evaluate: $(CKPT)
 # starting processes and waiting on them, so two overlap well even on 2 cores.
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
-test: $(TEST_INSTALLED)
+# The op builds (minutes of compiling) and the test tools' download run side by side.
+test:
+	$(MAKE) -j2 $(INSTALLED) $(TEST_INSTALLED)
 	sh launch/system_deps.sh $(PY)
 	$(PY) -m ruff check .
 	$(PYTEST) --durations=25
