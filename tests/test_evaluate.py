@@ -31,7 +31,8 @@ from pipeline.stage import PipelineError
 from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
 
-pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
+# trains with a DeepSpeed engine: left out of `make test-fast`; its module fixtures are made once, on one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("evaluated")]
 
 
 def train(data_dir: Path, run_name: str, config: str = "zero2_offload", **options) -> None:
