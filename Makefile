@@ -114,9 +114,9 @@ $(CKPT): $(SHARDS)
 evaluate: $(CKPT)
 	$(PY) -m pipeline.evaluate --run $(RUN) $(EVAL_ARGS)
 
-# Two workers, the tests dealt out one by one, except each file whose module fixture is costly (its xdist_group):
-# most of a test's time is spent starting processes and waiting on them, so two overlap well even on 2 cores.
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
+# Two workers, a test file each at a time (its module fixtures made once): most of a test's time is spent
+# starting processes and waiting on them, so two overlap well even on 2 cores.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
 # The op builds (minutes of compiling) and the test tools' download run side by side.
 test:

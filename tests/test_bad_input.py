@@ -17,8 +17,6 @@ from pipeline import download, evaluate, shard, tokenize, train
 from pipeline.artifacts import sha256_file
 from pipeline.stage import stage_main
 
-pytestmark = pytest.mark.xdist_group("with-a-run")  # its module fixture is made once, on one worker
-
 STAGES = {"download": (download.DownloadConfig, download.run), "tokenize": (tokenize.TokenizeConfig, tokenize.run),
           "shard": (shard.ShardConfig, shard.run), "train": (train.TrainConfig, train.run),
           "evaluate": (evaluate.EvaluateConfig, evaluate.run)}

@@ -15,8 +15,7 @@ from helpers import REPO, subprocess_env
 from pipeline.precision import detect
 from pipeline.stage import DataDir
 
-# trains with a DeepSpeed engine: left out of `make test-fast`; its module fixtures are made once, on one worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("make-run")]
+pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
 
 STAGE_OUTPUTS = ["raw/builtin", "tokenizer/builtin-bpe4096", "tokens/builtin", "shards/builtin",
                  "checkpoints/{run}", "eval/{run}", "export/{run}"]

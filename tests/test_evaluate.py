@@ -31,8 +31,7 @@ from pipeline.stage import PipelineError
 from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
 
-# trains with a DeepSpeed engine: left out of `make test-fast`; its module fixtures are made once, on one worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("evaluated")]
+pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
 
 
 def train(data_dir: Path, run_name: str, config: str = "zero2_offload", **options) -> None:

@@ -35,8 +35,7 @@ from pipeline.stage import PipelineError
 from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
 
-# trains with a DeepSpeed engine: left out of `make test-fast`; its module fixtures are made once, on one worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("families")]
+pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
 
 SEQ_LEN, STEPS, ACCUM = 32, 6, 2
 SETTINGS = {"seq_len": SEQ_LEN, "micro_batch_size": 2, "grad_accum": ACCUM, "max_steps": STEPS, "log_every": 1,

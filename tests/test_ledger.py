@@ -17,8 +17,7 @@ from pipeline.shard_format import load_index
 from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
 
-# builds a DeepSpeed engine per config and model; its module fixtures are made once, on one worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ledger")]
+pytestmark = pytest.mark.slow  # builds a DeepSpeed engine per config and model
 
 CONFIGS = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))
 # The tiny preset, and four GPT-2 layers of width 384 whose larger matrices ZeRO-3 swaps to NVMe.

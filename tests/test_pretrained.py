@@ -24,8 +24,6 @@ from pipeline.stage import PipelineError
 from pipeline.train import TrainConfig
 from pipeline.train import run as train_run
 
-pytestmark = pytest.mark.xdist_group("released")  # its module fixture is made once, on one worker
-
 SEQ_LEN = 32
 SETTINGS = {"seq_len": SEQ_LEN, "micro_batch_size": 2, "max_steps": 3, "warmup_steps": 1, "precision": "fp32",
             "lr": 1e-3, "eval_every": 0, "log_every": 1}
