@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO, write_result
+from common import REPO, SmallGPT2Config, small_gpt2_values, write_result
 
 from pipeline import schedule as schedules
 from pipeline.data import TokenSequences, TrainBatches
@@ -45,26 +45,15 @@ ARMS = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-sr": torch.bfloat16
 
 
 @dataclass
-class StatesBenchConfig:
-    data_dir: Path = field(default=Path("data"), metadata={"help": "onecard data directory with the shards"})
-    corpus: str = field(default="gutenberg", metadata={"help": "corpus whose shards to train on"})
+class StatesBenchConfig(SmallGPT2Config):
     arms: str = field(default="fp32,bf16", metadata={"help": "which arms to train: fp32, bf16, bf16-sr"})
-    layers: int = field(default=6, metadata={"help": "GPT-2 layers"})
-    width: int = field(default=384, metadata={"help": "GPT-2 width (6 x 384 with a 4,096-token vocabulary: 12.2M)"})
-    seq_len: int = field(default=128, metadata={"help": "sequence length"})
-    micro_batch_size: int = field(default=8, metadata={"help": "sequences per step"})
-    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps, then cosine to 0.1 of the peak"})
-    eval_every: int = field(default=250, metadata={"help": "validation loss every N steps (and at the end)"})
-    eval_tokens: int = field(default=1 << 17, metadata={"help": "validation tokens scored each time"})
     seed: int = field(default=1337, metadata={"help": "seeds the weights and the data order"})
     out: Path = field(default=Path("docs/bench/bf16-states"), metadata={"help": "where the JSON records go"})
 
 
 def model_for(config: StatesBenchConfig, vocab_size: int, eot_id: int) -> torch.nn.Module:
-    values = {"model_type": "gpt2", "n_layer": config.layers, "n_embd": config.width, "n_head": config.width // 64,
-              "n_positions": config.seq_len, "vocab_size": vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id}
     torch.manual_seed(config.seed)
+    values = small_gpt2_values(config, vocab_size, eot_id)
     return build(for_training(config_from(values, "bench"), 0.0, FUSED_GELU), "cpu").train()
 
 

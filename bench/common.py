@@ -60,6 +60,29 @@ class BenchConfig:
         return self.seq_len or default_seq_len(model_config(self.preset, GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE - 1))
 
 
+@dataclass
+class SmallGPT2Config:
+    """What the learning benchmarks (bench/bf16_states.py, bench/schedule_bench.py) share: a small GPT-2 trained on a
+    corpus's shards and scored on its validation split."""
+
+    data_dir: Path = field(default=Path("data"), metadata={"help": "onecard data directory with the shards"})
+    corpus: str = field(default="gutenberg", metadata={"help": "corpus whose shards to train on"})
+    layers: int = field(default=6, metadata={"help": "GPT-2 layers"})
+    width: int = field(default=384, metadata={"help": "GPT-2 width (6 x 384 with a 4,096-token vocabulary: 12.2M)"})
+    seq_len: int = field(default=128, metadata={"help": "sequence length"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    eval_every: int = field(default=250, metadata={"help": "validation loss every N steps (and at the end)"})
+    eval_tokens: int = field(default=1 << 17, metadata={"help": "validation tokens scored each time"})
+
+
+def small_gpt2_values(config: SmallGPT2Config, vocab_size: int, eot_id: int) -> dict[str, Any]:
+    """The small GPT-2's config.json values for a tokenizer of `vocab_size` whose end-of-text id is `eot_id`."""
+    return {"model_type": "gpt2", "n_layer": config.layers, "n_embd": config.width, "n_head": config.width // 64,
+            "n_positions": config.seq_len, "vocab_size": vocab_size, "bos_token_id": eot_id, "eos_token_id": eot_id}
+
+
 def train_batches(config: BenchConfig, world_size: int = 1) -> tuple[TrainBatches, dict[str, Any]]:
     shards_dir = DataDir(config.data_dir).shards(config.corpus)
     index = load_index(shards_dir, checksums=False)

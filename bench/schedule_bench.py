@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import REPO, write_result
+from common import REPO, SmallGPT2Config, small_gpt2_values, write_result
 
 from pipeline.metrics import read_metrics
 from pipeline.precision import cpu_flags, cpu_model
@@ -27,20 +27,11 @@ from pipeline.stage import parse_config
 
 
 @dataclass
-class ScheduleBenchConfig:
-    data_dir: Path = field(default=Path("data"), metadata={"help": "onecard data directory with the shards"})
-    corpus: str = field(default="gutenberg", metadata={"help": "corpus whose shards to train on"})
+class ScheduleBenchConfig(SmallGPT2Config):
     schedules: str = field(default="cosine,wsd", metadata={"help": "which schedules to train, in turn"})
-    layers: int = field(default=6, metadata={"help": "GPT-2 layers"})
-    width: int = field(default=384, metadata={"help": "GPT-2 width (6 x 384 with a 4,096-token vocabulary: 12.2M)"})
-    seq_len: int = field(default=128, metadata={"help": "sequence length"})
     micro_batch_size: int = field(default=4, metadata={"help": "sequences per step"})
-    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "where both schedules end, as a fraction of the peak"})
     decay: float = field(default=0.2, metadata={"help": "wsd: the decay's length, a fraction of the run"})
-    eval_every: int = field(default=250, metadata={"help": "validation loss every N steps (and at the end)"})
-    eval_tokens: int = field(default=1 << 17, metadata={"help": "validation tokens scored each time"})
     work: Path = field(default=Path("/tmp/onecard-schedule-bench"), metadata={"help": "scratch folder for the runs"})
     out: Path = field(default=Path("docs/bench/schedule-cpu"), metadata={"help": "where the JSON records go"})
 
@@ -64,10 +55,7 @@ def run_schedule(config: ScheduleBenchConfig, schedule: str, work: Path) -> dict
             (data_dir / sub).symlink_to((config.data_dir / sub).resolve())
     index = json.loads((config.data_dir / "shards" / config.corpus / "index.json").read_text())
     model = work / "model.json"
-    model.write_text(json.dumps({"model_type": "gpt2", "n_layer": config.layers, "n_embd": config.width,
-                                 "n_head": config.width // 64, "n_positions": config.seq_len,
-                                 "vocab_size": index["vocab_size"], "bos_token_id": index["eot_id"],
-                                 "eos_token_id": index["eot_id"]}))
+    model.write_text(json.dumps(small_gpt2_values(config, index["vocab_size"], index["eot_id"])))
     command = train_command(config, schedule, model, data_dir)
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True)

@@ -93,7 +93,8 @@ def host_bytes(ds: dict[str, Any], shape: Shape, world_size: int = 1, on_gpu: bo
     params, matrices = shape.parameters, shape.matrices()
     partition, largest = params / world_size, max(matrices)
     element = nvme.element_bytes(ds)  # the model's own weights and gradients
-    summed = 4 if precisions.fp32_accumulation_buffer(ds) else element  # what the micro-steps' gradients sum in
+    fp32_sum = precisions.fp32_accumulation_buffer(ds)
+    summed = 4 if fp32_sum else element  # what the micro-steps' gradients sum in
     bf16 = ds.get("bf16", {})
     master = 2 if bf16.get("bf16_master_weights_and_grads") else 4
     moment = 2 if bf16.get("bf16_optimizer_states") else 4
@@ -124,7 +125,7 @@ def host_bytes(ds: dict[str, Any], shape: Shape, world_size: int = 1, on_gpu: bo
         kinds["moments"] += 2 * moment * partition
         # the master partition's gradients, and the buffer each gradient is copied through
         kinds["gradients"] += pinned_bytes(master * partition, pin) + pinned_bytes(element * largest, pin)
-        if stage == 2 and ds["gradient_accumulation_steps"] > 1 and master == 4 and summed == element:
+        if stage == 2 and ds["gradient_accumulation_steps"] > 1 and master == 4 and not fp32_sum:
             # summed across micro-steps on the host in the model's precision (an fp32 sum is on the device)
             kinds["gradients"] += sum(pinned_bytes(element * m / world_size, pin) for m in matrices)
         kinds["model"] += pinned_bytes(element * partition, pin)  # the staging copy for the upload after CPU Adam
