@@ -57,7 +57,8 @@ def shared_flags(config: RecipeDriverConfig) -> list[str]:
 def onecard(config: RecipeDriverConfig) -> dict[str, Any]:
     command = [str(Path(sys.executable).with_name("deepspeed")), "launch/train.py", "--deepspeed",
                f"ds_configs/{config.deepspeed}.json", *shared_flags(config), "--max-steps", str(config.steps),
-               "--warmup-steps", str(config.lr_warmup), "--min-lr-ratio", str(config.min_lr_ratio), "--run", RUN,
+               "--schedule", "cosine", "--warmup-steps", str(config.lr_warmup), "--min-lr-ratio",
+               str(config.min_lr_ratio), "--run", RUN,
                "--force", "--checkpoint-every", str(config.steps), "--eval-every", "0", "--log-every", "50"]
     shown = run(command)
     data = DataDir(config.data_dir)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 Kind = Literal["cosine", "wsd"]
 KINDS: tuple[Kind, ...] = ("cosine", "wsd")
+DEFAULT: Kind = "wsd"  # 1.1% lower validation loss than cosine at equal tokens (docs/QUALITY.md), and it extends
 
 
 @dataclass(frozen=True)

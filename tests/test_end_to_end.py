@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `ma
 
 STAGE_OUTPUTS = ["raw/builtin", "tokenizer/builtin-bpe4096", "tokens/builtin", "shards/builtin",
                  "checkpoints/{run}", "eval/{run}", "export/{run}"]
-SETTINGS = ("STEPS=12", "TRAIN_ARGS=--seq-len 64 --micro-batch-size 4 --checkpoint-every 6 --lr 3e-3")
+SETTINGS = ("STEPS=12",
+            "TRAIN_ARGS=--seq-len 64 --micro-batch-size 4 --checkpoint-every 6 --lr 3e-3 --eval-tokens 8192",
+            "EVAL_ARGS=--eval-tokens 8192")
 
 
 def make(data_dir: Path, *args: str, dry_run: bool = False) -> subprocess.CompletedProcess:

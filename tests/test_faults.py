@@ -69,7 +69,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_0(data_copy: Path) -
     assert "SIGTERM: stopping after this step" in output and f"stopped after step {stopped}" in output
     load_weights(data_copy / "checkpoints" / "term")  # complete and recorded in the manifest
 
-    # The same command carries on from there (to a nearer end, to keep the test short: a cosine made shorter
+    # The same command carries on from there (to a nearer end, to keep the test short: a schedule made shorter
     # jumps, which it is told to accept).
     again = start(data_copy, "term", "--max-steps", str(stopped + 2), "--checkpoint-every", "0",
                   "--allow-schedule-change")
