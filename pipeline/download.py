@@ -27,6 +27,7 @@ import platform
 import re
 import shutil
 import sysconfig
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
@@ -58,6 +59,7 @@ log = logging.getLogger("onecard")
 
 FORMAT_VERSION = 1
 PART_BYTES = 64 << 20
+HUB_RETRY_SECONDS = (1, 2, 4, 8)  # the waits before each new try to open a hub dataset after a server error
 PROGRESS = ".progress.json"
 # Standard-library folders that are tests, tools or vendored code rather than library documentation.
 STDLIB_SKIP = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "site-packages", "dist-packages",
@@ -273,14 +275,16 @@ class HubStream:
 
         self.spec, self.text_field = spec, config.text_field
         name, _, subset = spec.partition(":")
-        try:
-            self.dataset = datasets.load_dataset(name, subset or None, split=config.split, streaming=True)
-        except Exception as error:
-            raise PipelineError(
-                f"cannot load dataset {name!r}{f' config {subset!r}' if subset else ''} split {config.split!r} "
-                f"through `datasets` ({type(error).__name__}: {error}). Check the name and your network, or "
-                "download the data yourself and pass its local path to --source."
-            ) from error
+        for wait in (*HUB_RETRY_SECONDS, None):
+            try:
+                self.dataset = datasets.load_dataset(name, subset or None, split=config.split, streaming=True)
+                break
+            except Exception as error:
+                status = _server_error(error)
+                if status is None or wait is None:
+                    raise _hub_error(name, subset, config.split, error) from error
+                log.warning("the hub answered %d while opening %s: trying again in %d s", status, name, wait)
+                time.sleep(wait)
         if config.part:
             index, count = parse_part(config.part)
             self.dataset = split_dataset_by_node(self.dataset, rank=index, world_size=count)
@@ -299,6 +303,29 @@ class HubStream:
                     "Name the text field with --text-field."
                 )
             yield f"hf:{self.spec}", example[self.text_field]
+
+
+def _server_error(error: BaseException | None) -> int | None:
+    """The HTTP status of a server-side error (5xx, or 429: too many requests) anywhere in the exception's chain:
+    worth another try. A lost connection huggingface_hub has already retried itself."""
+    while error is not None:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            return status
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _hub_error(name: str, subset: str, split: str, error: BaseException) -> PipelineError:
+    from huggingface_hub import constants
+
+    what = f"dataset {name!r}{f' config {subset!r}' if subset else ''} split {split!r}"
+    if isinstance(error, ConnectionError):
+        return PipelineError(f"cannot connect to the Hugging Face hub at {constants.ENDPOINT} to load {what} "
+                             f"({error}). Check your network (and HF_ENDPOINT), or download the data yourself and "
+                             "pass its local path to --source.")
+    return PipelineError(f"cannot load {what} through `datasets` ({type(error).__name__}: {error}). Check the name "
+                         "and your network, or download the data yourself and pass its local path to --source.")
 
 
 def fetch_url(url: str, folder: Path) -> Path:

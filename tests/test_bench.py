@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, subprocess_env
 
+from pipeline.hardware import device_name
+
 pytestmark = pytest.mark.slow  # trains with a DeepSpeed engine: left out of `make test-fast`
 
 KEYS = {"system", "model", "config", "device", "gpu_mem_cap_gib", "seq_len", "tokens_per_second", "mfu",
@@ -37,7 +39,7 @@ def test_every_system_trains_the_same_model_on_the_same_data(builtin_data: Path,
         assert set(record) >= KEYS, name
         assert record["status"] == "ok" and record["steps"] == 3, (name, record.get("error"))
         assert record["tokens_per_second"] > 0 and record["peak_host_rss_gib"] > 0, name
-        assert (record["model"], record["seq_len"], record["device"]) == ("tiny", 32, "cpu")
+        assert (record["model"], record["seq_len"], record["device"]) == ("tiny", 32, device_name())
     # The same initial weights and the same first batch give the same first loss (up to bf16 rounding).
     first = [records[n]["first_loss"] for n in ("onecard-zero3_offload", "torch-plain")]
     assert max(first) - min(first) < 0.02, first

@@ -48,9 +48,10 @@ def test_gpu_names_are_matched_whole(name: str, card: str | None) -> None:
     assert (gpu.name if gpu else None) == card
 
 
-def test_unknown_gpu_has_no_peak() -> None:
+def test_unknown_gpu_has_no_peak(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lookup_gpu("Some Future Accelerator") is None
-    assert hardware.peak_tflops("bf16") is None  # this machine has no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.peak_tflops("bf16") is None  # a machine without a GPU
     assert hardware.peak_tflops("bf16", 123.0) == 123.0
 
 
