@@ -44,6 +44,9 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
     folder = tmp_path_factory.mktemp("hub-files")
     server.repos["me/jsonl"] = {"README.md": b"# a jsonl dataset\n", "data/train.jsonl": jsonl_bytes(TEXTS, folder)}
     server.repos["me/parquet"] = {"data/train-00000-of-00001.parquet": parquet_bytes(TEXTS)}
+    # six files, which `datasets` streams one after another (each read whole before its documents come)
+    server.repos["me/shards"] = {f"data/train-{i:05d}-of-00006.jsonl": jsonl_bytes(TEXTS[10 * i:10 * i + 10], folder)
+                                 for i in range(6)}
     yield server
     server.close()
 
@@ -94,16 +97,16 @@ def test_a_503_or_a_connection_dropped_mid_file_is_retried_and_no_document_is_lo
 
 def test_kill_9_mid_download_resumes_from_the_saved_state_to_the_same_result(hub: FakeHub, tmp_path: Path) -> None:
     whole = tmp_path / "whole"
-    assert download(whole, hub.url, "hf:me/jsonl", part_bytes=1500).returncode == 0
-    hub.faults.bytes_per_second = 3000  # the 12 KB file over about 4 seconds
+    assert download(whole, hub.url, "hf:me/shards", part_bytes=1500).returncode == 0
+    hub.faults.bytes_per_second = 2000  # each 2 KB file over about a second
     try:
-        process = download(tmp_path / "data", hub.url, "hf:me/jsonl", part_bytes=1500, wait=False)
+        process = download(tmp_path / "data", hub.url, "hf:me/shards", part_bytes=1500, wait=False)
         raw = tmp_path / "data" / "raw"
         deadline = time.time() + 120
-        while not list(raw.glob(".hub.partial/docs_00001.jsonl")) and time.time() < deadline:
+        while not (raw / ".hub.partial" / ".progress.json").is_file() and time.time() < deadline:
             assert process.poll() is None, process.communicate()[0][-3000:]
             time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # a file or more later: the stream is in its second file or beyond
         process.communicate(timeout=60)
     finally:
         hub.faults.bytes_per_second = None
@@ -111,7 +114,7 @@ def test_kill_9_mid_download_resumes_from_the_saved_state_to_the_same_result(hub
     recorded = json.loads((partial / ".progress.json").read_text())["parts"]  # a part the kill cut off comes again
     done = {name: (partial / name).stat().st_mtime_ns for name in recorded}
     assert done and not (raw / "hub").exists()  # stopped half-way: only a partial folder, never the corpus
-    result = download(tmp_path / "data", hub.url, "hf:me/jsonl", part_bytes=1500)
+    result = download(tmp_path / "data", hub.url, "hf:me/shards", part_bytes=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {name: (raw / "hub" / name).stat().st_mtime_ns for name in done} == done  # its finished parts kept
     assert documents(tmp_path / "data") == TEXTS
