@@ -591,10 +591,11 @@ def start_session(config: TrainConfig, start: Start | None) -> Session | None:
     schedule = lr_schedule(config, saved_run)
     identity = run_identity(config, ds, index, shards_dir, seq_len, world_size, start, model_identity, schedule)
     switches_precision = _check_resume(ckpt_dir, saved_run, identity, choice, config.allow_precision_change)
-    _check_schedule_continues(saved_run, schedule, checkpoint.latest_step(ckpt_dir), config.allow_schedule_change)
+    trained = checkpoint.latest_step(ckpt_dir)  # after --force and --cooldown-from, which change it
+    _check_schedule_continues(saved_run, schedule, trained, config.allow_schedule_change)
     end = end_step(config)
-    if checkpoint.latest_step(ckpt_dir) >= end:
-        log.info("run %s is already trained to step %d: nothing to do", name, checkpoint.latest_step(ckpt_dir))
+    if trained >= end:
+        log.info("run %s is already trained to step %d: nothing to do", name, trained)
         return None
     if rank == 0:  # from here on the run writes: its log file too (a refused run changes nothing)
         log_to_file(data.runs(name) / "train.log")

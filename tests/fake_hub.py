@@ -65,12 +65,14 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:
             pass
 
-        def answer(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        def start(self, status: int, headers: dict[str, str], length: int) -> None:
             self.send_response(status)
-            for name, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
-                                **(headers or {})}.items():
+            for name, value in {"Content-Type": "application/json", **headers, "Content-Length": str(length)}.items():
                 self.send_header(name, value)
             self.end_headers()
+
+        def answer(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+            self.start(status, headers or {}, len(body))
             if self.command != "HEAD":
                 self.wfile.write(body)
 
@@ -130,20 +132,14 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 status, body = 206, data[start:end + 1]
                 headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             if self.command == "GET" and hub.take("dropped"):
-                self.send_response(status)
-                for name, value in {**headers, "Content-Length": str(len(body))}.items():
-                    self.send_header(name, value)
-                self.end_headers()
+                self.start(status, headers, len(body))
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return None
             if self.command == "GET" and hub.faults.bytes_per_second:
-                self.send_response(status)
-                for name, value in {**headers, "Content-Length": str(len(body))}.items():
-                    self.send_header(name, value)
-                self.end_headers()
+                self.start(status, headers, len(body))
                 chunk = max(1, int(hub.faults.bytes_per_second / 20))
                 try:
                     for start in range(0, len(body), chunk):

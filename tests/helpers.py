@@ -73,15 +73,19 @@ def prepare(data_dir: Path, source: str, corpus: str, tokenizer: str, part: str 
     return data_dir
 
 
-def deepspeed_launcher() -> list[str]:
-    """The `deepspeed` command of this environment, on a free rendezvous port (its default, 29500, may be held
-    by another run on this machine)."""
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for a rendezvous, or to stand for an unreachable host)."""
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(port)]
+        return probe.getsockname()[1]
+
+
+def deepspeed_launcher() -> list[str]:
+    """The `deepspeed` command of this environment, on a free rendezvous port (its default, 29500, may be held
+    by another run on this machine)."""
+    return [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(free_port())]
 
 
 def subprocess_env(data_dir: Path) -> dict[str, str]:

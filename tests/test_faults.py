@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, deepspeed_launcher, english_documents, subprocess_env, write_jsonl
+from helpers import REPO, deepspeed_launcher, english_documents, free_port, subprocess_env, write_jsonl
 
 from pipeline import checkpoint
 from pipeline.checkpoint import latest_step, latest_tag, load_weights
@@ -196,13 +196,9 @@ def test_two_ranks_settle_auto_precision_together_and_fail_a_save_together(data_
     `auto` differs: both train in the precision both run natively. Then rank 1 cannot write its part of step 2's
     checkpoint: both ranks stop with the same clear error instead of one waiting for ever in the save's next
     collective, and step 1 stays `latest`."""
-    import socket
-
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(TWO_DEVICES)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     ranks = [subprocess.Popen(
         [sys.executable, "launch/train.py", "--deepspeed", "ds_configs/zero2_offload.json", "--run", "ranks", *FLAGS,
          "--precision", "auto", "--max-steps", "2", "--checkpoint-every", "1"], cwd=REPO, stdout=subprocess.PIPE,

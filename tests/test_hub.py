@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fake_hub import FakeHub
-from helpers import REPO, english_documents, subprocess_env, write_jsonl
+from helpers import REPO, english_documents, free_port, subprocess_env, write_jsonl
 
 from pipeline.artifacts import read_manifest
 from pipeline.documents import read_documents
@@ -123,17 +122,11 @@ def test_kill_9_mid_download_resumes_from_the_saved_state_to_the_same_result(hub
     assert all((raw / "hub" / name).read_bytes() == (whole / "raw" / "hub" / name).read_bytes() for name in parts)
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize("case", ["missing", "gated", "unreachable"])
 def test_a_missing_gated_or_unreachable_dataset_is_one_clear_line_and_nothing_is_written(
         hub: FakeHub, tmp_path: Path, case: str) -> None:
     hub.faults.gated = {"me/gated"}
-    endpoint = f"http://127.0.0.1:{closed_port()}" if case == "unreachable" else hub.url
+    endpoint = f"http://127.0.0.1:{free_port()}" if case == "unreachable" else hub.url
     source = {"missing": "hf:me/missing", "gated": "hf:me/gated", "unreachable": "hf:me/jsonl"}[case]
     started = time.time()
     result = download(tmp_path / "data", endpoint, source)

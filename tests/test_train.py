@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, deepspeed_launcher, english_documents, plain_adamw, prepare, subprocess_env, write_jsonl
+from helpers import (
+    REPO,
+    deepspeed_launcher,
+    english_documents,
+    free_port,
+    plain_adamw,
+    prepare,
+    subprocess_env,
+    write_jsonl,
+)
 
 from pipeline import preflight
 from pipeline import schedule as schedules
@@ -359,13 +368,8 @@ def test_resume_on_other_ranks_with_nvme_offload_is_refused(data_copy: Path) -> 
 
 def test_a_hostfile_launch_on_each_node_without_ssh(data_copy: Path, tmp_path: Path) -> None:
     """launch/train_nodes.sh, as node 0 of a one-machine hostfile with two slots: two ranks, no ssh."""
-    import socket
-
     (tmp_path / "hosts").write_text("localhost slots=2\n")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**subprocess_env(data_copy), "VIRTUAL_ENV": sys.prefix, "MASTER_PORT": str(port)}
+    env = {**subprocess_env(data_copy), "VIRTUAL_ENV": sys.prefix, "MASTER_PORT": str(free_port())}
     result = subprocess.run(["launch/train_nodes.sh", str(tmp_path / "hosts"), "0", "127.0.0.1", "--deepspeed",
                              "ds_configs/zero2_offload.json", "--run", "nodes", "--max-steps", "2", "--seq-len",
                              str(SEQ_LEN), "--micro-batch-size", "2", "--eval-every", "0"],
