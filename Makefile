@@ -58,13 +58,19 @@ CKPT   := $(DATA)/checkpoints/$(RUN)/manifest.json
 
 install: $(INSTALLED)
 
-# torch first, pinned, so that pip takes the build meant for this machine (a local CPU wheel where one is
-# provided) instead of whatever the dependency range would pull.
+# install_project(TARGET): `pip install -e TARGET` into the venv, through uv where it works.
+install_project = $(VENV)/bin/uv pip install --python $(PY) -e "$(1)" || $(PY) -m pip install -e "$(1)"
+
+# torch first, pinned, through pip, so that it takes the build meant for this machine (a local CPU wheel where
+# pip's configuration lists one) instead of whatever the dependency range would pull. The rest through uv: it
+# installs the hundred-odd other packages in about 10 s where pip took 1.5 minutes (docs/TESTING.md). uv does
+# not read pip's configuration (a private index in pip.conf, say), so where it fails, pip installs instead.
 $(PACKAGES): pyproject.toml
 	sh launch/system_deps.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e .
+	$(PY) -m pip install -q "uv>=0.5,<1" || echo "uv could not be installed: pip installs the packages" >&2
+	$(call install_project,.)
 	touch $@
 
 # DeepSpeed's ops (CPU Adam, async I/O) are built here, once, rather than in the first training run.
@@ -74,7 +80,7 @@ $(INSTALLED): $(PACKAGES)
 
 # What only the tests need (pytest, ruff, EleutherAI's lm-evaluation-harness), on top of the packages.
 $(TEST_INSTALLED): $(PACKAGES)
-	$(PY) -m pip install -e ".[dev]"
+	$(call install_project,.[dev])
 	touch $@
 
 DOWNLOAD = $(PY) -m pipeline.download --source $(SOURCE) --corpus $(CORPUS) $(DOWNLOAD_ARGS)
