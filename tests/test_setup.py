@@ -54,3 +54,23 @@ def test_make_test_and_ci_take_the_same_set_up_step() -> None:
                              text=True, timeout=60).stdout
     assert "sh launch/system_deps.sh" in planned
     assert "apt-get" not in (REPO / ".ci" / "run").read_text()  # CI has no set-up of its own: `make test` is it
+
+
+@pytest.mark.parametrize("uv_works", [True, False])
+def test_the_packages_go_through_uv_and_through_pip_where_uv_fails(tmp_path: Path, uv_works: bool) -> None:
+    """The Makefile's install recipe in an environment whose python and uv only log what they are asked."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "calls.log"
+    for name, status in (("python", 0), ("uv", 0 if uv_works else 1)):
+        (venv / "bin" / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\nexit {status}\n')
+        (venv / "bin" / name).chmod(0o755)
+    result = subprocess.run(["make", f"VIRTUAL_ENV={venv}", str(venv / ".onecard-packages")], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = log.read_text().splitlines()
+    python = str(venv / "bin" / "python")
+    assert "python -m pip install -q uv>=0.5,<1" in calls  # torch counts as installed: "import torch" answered 0
+    assert f"uv pip install --python {python} -e ." in calls
+    assert ("python -m pip install -e ." in calls) == (not uv_works)
+    assert (venv / ".onecard-packages").exists()
