@@ -58,8 +58,9 @@ CKPT   := $(DATA)/checkpoints/$(RUN)/manifest.json
 
 install: $(INSTALLED)
 
-# install_project(TARGET): `pip install -e TARGET` into the venv, through uv where it works.
-install_project = $(VENV)/bin/uv pip install --python $(PY) -e "$(1)" || $(PY) -m pip install -e "$(1)"
+# install_project(TARGET): `pip install -e TARGET` into the venv, through uv where it works. Compiled to bytecode
+# there and then, as pip does: where PYTHONDONTWRITEBYTECODE is set, every process would compile what it imports.
+install_project = $(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -e "$(1)" || $(PY) -m pip install -e "$(1)"
 
 # torch first, pinned, through pip, so that it takes the build meant for this machine (a local CPU wheel where
 # pip's configuration lists one) instead of whatever the dependency range would pull. The rest through uv: it

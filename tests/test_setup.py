@@ -71,6 +71,6 @@ def test_the_packages_go_through_uv_and_through_pip_where_uv_fails(tmp_path: Pat
     calls = log.read_text().splitlines()
     python = str(venv / "bin" / "python")
     assert "python -m pip install -q uv>=0.5,<1" in calls  # torch counts as installed: "import torch" answered 0
-    assert f"uv pip install --python {python} -e ." in calls
+    assert f"uv pip install --python {python} --compile-bytecode -e ." in calls
     assert ("python -m pip install -e ." in calls) == (not uv_works)
     assert (venv / ".onecard-packages").exists()
