@@ -64,7 +64,7 @@ install_project = $(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -
 
 # torch first, pinned, through pip, so that it takes the build meant for this machine (a local CPU wheel where
 # pip's configuration lists one) instead of whatever the dependency range would pull. The rest through uv: it
-# installs the hundred-odd other packages in about 10 s where pip took 1.5 minutes (docs/TESTING.md). uv does
+# installs the hundred-odd other packages, compiled, in under a minute where pip took 2.5 (docs/TESTING.md). uv does
 # not read pip's configuration (a private index in pip.conf, say), so where it fails, pip installs instead.
 $(PACKAGES): pyproject.toml
 	sh launch/system_deps.sh
