@@ -7,10 +7,13 @@
 #   sh launch/system_deps.sh [PYTHON]      (PYTHON: the interpreter whose headers the ops build against)
 set -eu
 PYTHON=${1:-python3}
-AIO_HEADER=${ONECARD_AIO_HEADER:-/usr/include/libaio.h}
+AIO_HEADER=${ONECARD_AIO_HEADER:-libaio.h}
 
 missing=""
-[ -f "$AIO_HEADER" ] || missing="$missing libaio-dev"
+# libaio's header wherever the compiler finds it, as DeepSpeed's build will: /usr/include, or a folder that CPATH or
+# CFLAGS names (a libaio unpacked without root, as on the GPU host).
+# shellcheck disable=SC2086
+printf '#include "%s"\n' "$AIO_HEADER" | c++ ${CFLAGS:-} -E -x c++ - >/dev/null 2>&1 || missing="$missing libaio-dev"
 command -v c++ >/dev/null 2>&1 || missing="$missing g++"
 "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   2>/dev/null || missing="$missing python3-dev"

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from pipeline.hardware import GIB
+from pipeline.memory import pinned_size
 
 log = logging.getLogger("onecard")
 
@@ -98,9 +99,11 @@ def measure(engine: Any, model: torch.nn.Module) -> dict[str, int]:
                 continue
             # the model's own parameters (and gradients) live on the accelerator unless a named kind holds them
             kind = _kind(path) or ("device" if root == "model" else None)
+            # page-locked beside a GPU: what the pinned-memory allocator took for it (a power of two), not its size
+            size = pinned_size(storage.nbytes()) if tensor.is_pinned() else storage.nbytes()
             known = storages.get(storage.data_ptr())
             if known is None or _rank(kind) < _rank(known[1]):
-                storages[storage.data_ptr()] = (storage.nbytes(), kind, path)
+                storages[storage.data_ptr()] = (int(size), kind, path)
     ledger = dict.fromkeys(KINDS, 0)
     for size, kind, path in storages.values():
         if kind is None and size >= SMALLEST_OTHER:

@@ -127,12 +127,13 @@ def _short(needs: Needs, machine: Machine) -> bool:
 
 
 def shipped_alternatives(ds: dict[str, Any], shape: Shape, seq_len: int, checkpointing: int,
-                         local_ranks: int) -> dict[str, Needs]:
-    """The needs of every shipped config at this run's batch layout and precision, by name."""
+                         local_ranks: int, gpu: bool | None = None) -> dict[str, Needs]:
+    """The needs of every shipped config at this run's batch layout and precision, by name (on a GPU or not: as
+    `estimate`)."""
     layout = {key: ds[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
     alternatives = {}
     for path in shipped_configs():
         other = nvme.settle(precisions.apply({**load_ds_config(Path(path)), **layout}, precisions.precision_of(ds)),
                             shape, local_ranks)
-        alternatives[f"ds_configs/{path.name}"] = estimate(other, shape, seq_len, checkpointing, local_ranks)
+        alternatives[f"ds_configs/{path.name}"] = estimate(other, shape, seq_len, checkpointing, local_ranks, gpu)
     return alternatives

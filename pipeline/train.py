@@ -659,11 +659,12 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
 
     config, ds = session.config, session.ds
     torch.manual_seed(config.seed)
+    device = build_device(ds, session.shape.parameters, config.gpu_mem_cap)
     if session.start is not None:
-        model = pretrained.load(session.start.folder, session.model_config).to(build_device(session)).train()
+        model = pretrained.load(session.start.folder, session.model_config).to(device).train()
         log.info("starting from %s (%s)", config.init_from, session.start.folder)
     else:
-        model = build(session.model_config, device=build_device(session)).train()
+        model = build(session.model_config, device=device).train()
     if config.activation_checkpointing:
         enable_activation_checkpointing(model, config.activation_checkpointing, config.selective_checkpointing,
                                         config.activation_offload)
@@ -713,20 +714,19 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
                    swap_meter=nvme.SwapMeter(swap_folders, engine.optimizer.optimizer) if swap_folders else None)
 
 
-def build_device(session: Session) -> str:
+def build_device(ds: dict[str, Any], parameters: float, gpu_mem_cap: float | None = None) -> str:
     """Where the model is built: under ZeRO-1/2, whose weights live on the GPU anyway, on the GPU when its fp32
     weights fit there with room to spare (GPT-2 XL's 1.56B weights are initialised in a fraction of a second
-    there, against a minute of CPU random numbers); otherwise on the CPU, where ZeRO-3 partitions them from."""
+    there, against a minute of CPU random numbers); otherwise on the CPU, where ZeRO-3 partitions them from.
+    (The same seed draws other weights on each.)"""
     from deepspeed.accelerator import get_accelerator
 
-    device = get_accelerator().current_device_name()
-    if not torch.cuda.is_available() or session.ds["zero_optimization"]["stage"] == 3:
+    if not torch.cuda.is_available() or ds["zero_optimization"]["stage"] == 3:
         return "cpu"
-    needed = 1.2 * 4 * session.shape.parameters
     room = torch.cuda.mem_get_info()[0]
-    if session.config.gpu_mem_cap is not None:
-        room = min(room, session.config.gpu_mem_cap * GIB)
-    return device if needed < room else "cpu"
+    if gpu_mem_cap is not None:
+        room = min(room, gpu_mem_cap * GIB)
+    return get_accelerator().current_device_name() if 1.2 * 4 * parameters < room else "cpu"
 
 
 def estimated_gib(estimate: preflight.Needs | None) -> dict[str, float | None]:

@@ -97,15 +97,28 @@ def subprocess_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
+def reference_device(config: str, parameters: float = 1e6) -> str:
+    """Where the trainer draws a new model's weights under a shipped config (pipeline.train.build_device): a
+    reference built from the same seed must be drawn there too."""
+    from pipeline.dsconfig import load_ds_config
+    from pipeline.train import build_device
+
+    return build_device(load_ds_config(REPO / "ds_configs" / f"{config}.json"), parameters)
+
+
 def plain_adamw(model, batches, steps: int, accum: int, lr: float, warmup_steps: int) -> list[float]:
     """The trainer's recipe in plain PyTorch from `model` as it is: torch.optim.AdamW with the shipped configs'
     hyper-parameters, the trainer's schedule, gradient clipping at 1 — no DeepSpeed, no offload. The losses of
-    each step; the model is trained in place."""
+    each step; the model is trained in place, on the device the trainer computes on (a GPU's fp32 differs from a
+    CPU's in the last bits, which Adam's normalised steps carry into the weights), and left on the CPU."""
     import torch
 
     from pipeline.dsconfig import load_ds_config
     from pipeline.model import lm_loss, optimizer_groups
     from pipeline.train import TrainConfig, lr_schedule
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
 
     adam = load_ds_config(REPO / "ds_configs" / "zero2_offload.json")["optimizer"]["params"]
     optimizer = torch.optim.AdamW(optimizer_groups(model, adam["weight_decay"]), lr=lr, betas=adam["betas"],
@@ -116,7 +129,7 @@ def plain_adamw(model, batches, steps: int, accum: int, lr: float, warmup_steps:
     for step in range(steps):
         total = 0.0
         for micro_step in range(accum):
-            loss = lm_loss(model, *batches.get(step, micro_step, 0))
+            loss = lm_loss(model, *(t.to(device) for t in batches.get(step, micro_step, 0)))
             (loss / accum).backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -124,6 +137,7 @@ def plain_adamw(model, batches, steps: int, accum: int, lr: float, warmup_steps:
         scheduler.step()
         optimizer.zero_grad()
         losses.append(total / accum)
+    model.to("cpu")
     return losses
 
 

@@ -17,6 +17,7 @@ from helpers import (
     english_documents,
     plain_adamw,
     prepare,
+    reference_device,
     tiny_values,
     write_jsonl,
     write_sentencepiece_style,
@@ -79,7 +80,8 @@ def test_each_family_trains_as_plain_adamw_resumes_exactly_and_starts_from_saved
     # from scratch, ZeRO-2 with CPU offload: the losses and weights of plain AdamW from the same initialisation
     straight = train(data, family, "zero2_offload.json", f"{family}-straight", model=str(config_json))
     torch.manual_seed(1337)  # the run's seed, then the model: the trainer's order
-    model = build(for_training(config_from(json.loads(config_json.read_text()), family), 0.0, FUSED_GELU))
+    model = build(for_training(config_from(json.loads(config_json.read_text()), family), 0.0, FUSED_GELU),
+                  reference_device("zero2_offload"))
     expected = plain_adamw(model, batches(data, family), STEPS, ACCUM, lr=2e-3, warmup_steps=2)
     assert [m["loss"] for m in straight] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     _, weights = load_weights(data / "checkpoints" / f"{family}-straight")

@@ -84,12 +84,14 @@ def test_memory_cap_larger_than_the_card_is_refused(monkeypatch: pytest.MonkeyPa
     assert fractions == []
 
 
-def test_memory_cap_without_a_gpu_is_refused() -> None:
+def test_memory_cap_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without one, also on a GPU host
     with pytest.raises(PipelineError, match="needs a CUDA GPU"):
         cap_gpu_memory(11)
 
 
-def test_memory_probe_on_cpu() -> None:
+def test_memory_probe_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     readings = MemoryProbe().sample()
     assert 0 < readings["host_rss_gib"] <= readings["peak_host_rss_gib"]
     assert readings["peak_gpu_reserved_gib"] is None and readings["peak_gpu_nvml_gib"] is None

@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO
 
 from pipeline.dsconfig import load_ds_config
-from pipeline.ledger import KINDS
+from pipeline.ledger import KINDS, measure
 from pipeline.precision import bf16_states
 from pipeline.shard_format import load_index
 from pipeline.train import TrainConfig
@@ -69,3 +70,21 @@ def test_the_memory_model_matches_the_ledger_kind_by_kind(ledgers: dict, config:
         # Measured 2 to 3 times the estimate for the mid model in 3 of about 10 runs on a CPU accelerator, where
         # each tensor's gather is a collective whose buffers may be new at the save.
         assert 0 <= measured["save"] <= 4 * estimated["save"] + MIB, (size, measured["save"], estimated["save"])
+
+
+class Pinned(torch.Tensor):
+    """A CPU tensor that says it is page-locked, as DeepSpeed's `pin_memory` copies are beside a GPU."""
+
+    def is_pinned(self, *args: object) -> bool:
+        return True
+
+
+def test_a_pinned_tensor_counts_what_the_pinned_allocator_took() -> None:
+    """Beside a GPU, PyTorch's pinned-memory allocator rounds each block up to a power of two (the memory model's
+    `pinned_size`): a 3 MiB page-locked master partition holds 4 MiB of RAM; an ordinary one its own size."""
+    engine_state = type("Stage1And2", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2"})()
+    engine_state.single_partition_of_fp32_groups = [torch.zeros(3 * MIB // 4).as_subclass(Pinned)]
+    engine_state.state = {0: {"exp_avg": torch.zeros(3 * MIB // 4)}}
+    engine = type("Engine", (), {"optimizer": engine_state})()
+    measured = measure(engine, torch.nn.Linear(1, 1))
+    assert measured["master"] == 4 * MIB and measured["moments"] == 3 * MIB

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, deepspeed_launcher, plain_adamw, subprocess_env
+from helpers import REPO, deepspeed_launcher, plain_adamw, reference_device, subprocess_env
 
 from pipeline import nvme, precision
 from pipeline.checkpoint import load_weights
@@ -75,13 +75,14 @@ def train(data_dir: Path, config: str, run: str, model: Path, **options) -> list
     return read_metrics(data_dir / "runs" / run)
 
 
-def reference(data_dir: Path, model: Path) -> tuple[list[float], dict]:
+def reference(data_dir: Path, config: str, model: Path) -> tuple[list[float], dict]:
     """The same steps in plain PyTorch: torch.optim.AdamW, no DeepSpeed, no offload, no recomputation."""
     shards = data_dir / "shards" / "builtin"
     batches = TrainBatches(TokenSequences(shards, load_index(shards), "train", OPTIONS["seq_len"]), 1337,
                            OPTIONS["micro_batch_size"], OPTIONS["grad_accum"], 1)
     torch.manual_seed(1337)
-    lm = build(for_training(config_from(json.loads(model.read_text()), str(model)), 0.0, FUSED_GELU), "cpu")
+    lm = build(for_training(config_from(json.loads(model.read_text()), str(model)), 0.0, FUSED_GELU),
+               reference_device(config))
     losses = plain_adamw(lm, batches, OPTIONS["max_steps"], OPTIONS["grad_accum"], lr=OPTIONS["lr"],
                          warmup_steps=OPTIONS["warmup_steps"])
     return losses, lm.state_dict()
@@ -90,7 +91,7 @@ def reference(data_dir: Path, model: Path) -> tuple[list[float], dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero3_nvme", "zero3_nvme_optimizer"])
 def test_swapped_layers_with_checkpointing_change_no_math(data_copy: Path, mid_model: Path, config: str) -> None:
-    expected, weights = reference(data_copy, mid_model)
+    expected, weights = reference(data_copy, config, mid_model)
     metrics = train(data_copy, config, "mid", mid_model)
     assert [m["loss"] for m in metrics] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     _, saved = load_weights(data_copy / "checkpoints" / "mid")

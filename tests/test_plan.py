@@ -194,14 +194,18 @@ def test_a_plain_install_plans_like_the_source_tree(tmp_path: Path) -> None:
     # no pip of its own (seconds to install): this environment's pip installs into it
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     site = next((venv / "lib").glob("python*/site-packages"))
-    # onecard's dependencies from this environment (a plain path entry: its editable onecard is not loaded)
-    (site / "dependencies.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    # onecard's dependencies from this environment, wherever they are (site-packages, a PYTHONPATH folder), as plain
+    # path entries: its editable onecard is not loaded, and the source tree is left out
+    folders = [p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != REPO.resolve()]
+    (site / "dependencies.pth").write_text("\n".join(folders) + "\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     wheel = next((tmp_path / "dist").glob("onecard-*.whl"))
+    # --ignore-installed: this environment's editable onecard, seen through those entries, is not this install
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps",
-                    "--no-index", str(wheel)], check=True, capture_output=True, timeout=300)
+                    "--no-index", "--ignore-installed", str(wheel)], env=env, check=True, capture_output=True,
+                   timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     result = subprocess.run([str(venv / "bin" / "onecard"), "plan", "--preset", "gpt2-xl", "--gpu", "RTX 4070 Ti",
                              "--json", "plan.json"], cwd=elsewhere, env=env, capture_output=True, text=True,
                             timeout=300)

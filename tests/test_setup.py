@@ -40,6 +40,21 @@ def test_missing_libaio_is_installed_when_the_user_may(tmp_path: Path, uid: int,
         assert "sudo apt-get install -y libaio-dev" in result.stderr
 
 
+def test_a_libaio_outside_the_system_folders_is_found_where_the_compiler_looks(tmp_path: Path) -> None:
+    """A libaio unpacked without root (the GPU host's): its header in a folder that CPATH names, as DeepSpeed's
+    async_io build will find it. Nothing is installed; without CPATH it is missing."""
+    env = fake_system(tmp_path, 0, False)
+    env["ONECARD_AIO_HEADER"] = "onecard-test-libaio.h"
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "onecard-test-libaio.h").write_text("")
+    command = ["sh", "launch/system_deps.sh", sys.executable]
+    found = subprocess.run(command, cwd=REPO, env={**env, "CPATH": str(tmp_path / "include")}, capture_output=True,
+                           text=True, timeout=60)
+    assert found.returncode == 0 and not (tmp_path / "apt.log").exists(), found.stderr
+    subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert "install -y -q libaio-dev" in (tmp_path / "apt.log").read_text()
+
+
 def test_nothing_is_installed_when_nothing_is_missing(tmp_path: Path) -> None:
     env = fake_system(tmp_path, 0, False)
     env["ONECARD_AIO_HEADER"] = str(tmp_path / "libaio.h")

@@ -18,6 +18,7 @@ from helpers import (
     free_port,
     plain_adamw,
     prepare,
+    reference_device,
     subprocess_env,
     write_jsonl,
 )
@@ -100,20 +101,20 @@ def test_every_config_learns_a_repeated_batch(one_batch_data: tuple[Path, int], 
     assert latest_tag(data_dir / "checkpoints" / f"learn-{config}") == "step_00000008"
 
 
-def reference_losses(data_dir: Path, steps: int, micro: int, accum: int) -> tuple[list[float], dict]:
+def reference_losses(data_dir: Path, config: str, steps: int, micro: int, accum: int) -> tuple[list[float], dict]:
     """The same recipe in plain PyTorch: torch.optim.AdamW, no DeepSpeed, no offload."""
     shards_dir = data_dir / "shards" / "builtin"
     index = load_index(shards_dir)
     batches = TrainBatches(TokenSequences(shards_dir, index, "train", SEQ_LEN), 1337, micro, accum, 1)
     torch.manual_seed(1337)
-    model = build_model("tiny", index["vocab_size"], index["eot_id"])
+    model = build_model("tiny", index["vocab_size"], index["eot_id"], device=reference_device(config))
     result = plain_adamw(model, batches, steps, accum, lr=2e-3, warmup_steps=2)
     return result, model.state_dict()
 
 
 @pytest.mark.parametrize("config", ["zero1_offload", "zero2_offload", "zero3_nvme"])
 def test_offload_changes_no_math(data_copy: Path, config: str) -> None:
-    expected, expected_weights = reference_losses(data_copy, steps=6, micro=2, accum=2)
+    expected, expected_weights = reference_losses(data_copy, config, steps=6, micro=2, accum=2)
     got = losses(train(data_copy, config, "math", grad_accum=2))
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     _, weights = load_weights(data_copy / "checkpoints" / "math")
