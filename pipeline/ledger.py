@@ -116,5 +116,5 @@ def measure(engine: Any, model: torch.nn.Module) -> dict[str, int]:
 def table(measured: dict[str, float], estimated: dict[str, float]) -> str:
     """The ledger beside the estimate, one line per kind, in GiB."""
     rows = [f"{kind} {measured.get(kind, 0) / GIB:.2f} (estimate {estimated.get(kind, 0) / GIB:.2f})"
-            for kind in (*KINDS, "save") if measured.get(kind) or estimated.get(kind)]
+            for kind in (*KINDS, "save", "load") if measured.get(kind) or estimated.get(kind)]
     return ", ".join(rows)

@@ -83,7 +83,8 @@ def pinned_size(size: float) -> float:
 
 def host_bytes(ds: dict[str, Any], shape: Shape, world_size: int = 1, on_gpu: bool = True) -> dict[str, float]:
     """The host RAM one rank of a settled config holds for `shape`, by the ledger's kinds (HOST_KINDS), plus `save`,
-    what a checkpoint save adds on top (rank 0), `build`, the fp32 model as train builds it on the host before
+    what a checkpoint save adds on top (rank 0), `load`, what a resume's checkpoint load adds on top (every rank),
+    `build`, the fp32 model as train builds it on the host before
     DeepSpeed takes it over, and `pinned`, the page-locked part of the kinds. `on_gpu` False: a CPU accelerator,
     whose host also holds what a GPU would (the model's weights and gradients), and which pins nothing."""
     from pipeline import nvme
@@ -154,14 +155,25 @@ def host_bytes(ds: dict[str, Any], shape: Shape, world_size: int = 1, on_gpu: bo
         saved = 4 * max(map(sum, groups))
     else:
         saved = (8 if stage == 3 else 4 + (master if master < 4 else 0)) * largest
-    return {**kinds, "save": saved, "build": 4 * params if built_on_host else 0.0, "pinned": locked[0]}
+    # a resume reads this rank's ZeRO optimizer file whole (DeepSpeed's torch.load, no mmap) while the states it is
+    # loaded into are already there: the master partition and both moments, or, with the optimizer on NVMe (whose
+    # moments onecard reads back one sub-group at a time, pipeline/checkpoint.py), one sub-group's two moments. A
+    # ZeRO-1/2 resume reads the model's weights first (element bytes each), then frees them.
+    if optimizer_device == "nvme":
+        loaded = 2 * 4 * max(map(sum, groups))
+    else:
+        loaded = max((master + 2 * moment) * partition, element * params if stage < 3 else 0.0)
+    return {**kinds, "save": saved, "load": loaded, "build": 4 * params if built_on_host else 0.0,
+            "pinned": locked[0]}
 
 
 def host_total(kinds: dict[str, float], ranks: int = 1) -> float:
     """The most host RAM `ranks` ranks of these kinds hold together: their model states with rank 0's checkpoint
-    save on top, or their builds."""
+    save on top, or with every rank's resume load on top, or their builds. (A run is judged by its resume too: one
+    the machine can start but not resume is lost at its first crash.)"""
     steady = sum(kinds[kind] for kind in HOST_KINDS)
-    return max(ranks * steady + kinds["save"], ranks * (kinds["build"] + kinds["model"]))
+    return max(ranks * steady + kinds["save"], ranks * (steady + kinds["load"]),
+               ranks * (kinds["build"] + kinds["model"]))
 
 
 def disk_bytes(ds: dict[str, Any], params: float) -> float:

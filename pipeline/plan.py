@@ -298,7 +298,8 @@ def table(result: dict[str, Any]) -> str:
               "shares its GPU work with (bf16 states: zero2_offload; NVMe: zero3_offload), unless --mfu is given. "
               "Not measured on this card: its slower compute makes the fixed CPU-side costs (gradient copies, CPU "
               "Adam) weigh less, a desktop CPU makes them larger; GPU memory is an estimate calibrated on the same "
-              "measurement. Host RAM: the memory model (pipeline/memory.py), a checkpoint save included."]
+              "measurement. Host RAM: the memory model (pipeline/memory.py), the larger of a checkpoint save and a "
+              "resume's checkpoint load included."]
     if disk:
         lines.append(f"NVMe: the swap's bytes per step at the disk's {disk['read_gbps']:.2f} GB/s read and "
                      f"{disk['write_gbps']:.2f} GB/s write ({disk['source']}), added to the compute time with no "

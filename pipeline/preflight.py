@@ -96,8 +96,9 @@ def check(needs: Needs, machine: Machine, config_path: str,
     if needs.host_bytes > machine.host_available_bytes:
         problems.append(
             f"{config_path} needs about {gib(needs.host_bytes)} of host RAM for this run (offloaded model states "
-            f"and the process), and this machine has {gib(machine.host_available_bytes)} available: it would be "
-            f"killed by the kernel's out-of-memory killer.{instead} (`onecard plan --host-ram-gib N` compares them; "
+            f"and the process, with a checkpoint save or a resume's checkpoint load on top), and this machine has "
+            f"{gib(machine.host_available_bytes)} available: it would be killed by the kernel's out-of-memory "
+            f"killer.{instead} (`onecard plan --host-ram-gib N` compares them; "
             "--no-preflight goes on regardless.)")
     if machine.memlock_bytes is not None and needs.pinned_bytes > machine.memlock_bytes:
         problems.append(

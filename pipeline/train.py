@@ -522,7 +522,8 @@ class Trainee:
     n_params: int
     flops_per_token: float
     peak_tflops: float | None  # the device's dense peak in the run's precision, for MFU
-    host_memory: dict[str, int] = field(default_factory=dict)  # the ledger (pipeline/ledger.py) and the save's peak
+    host_memory: dict[str, int] = field(default_factory=dict)  # the ledger (pipeline/ledger.py), the save's and the
+    # resume load's peaks
     swap_meter: nvme.SwapMeter | None = None  # the NVMe swap traffic of each step, with NVMe offload
 
 
@@ -685,8 +686,11 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
     )
     release_build_memory()
     clock.lap("engine")
+    before, measurable = psutil.Process().memory_info().rss, reset_peak_rss()
     client_state = checkpoint.load_latest(engine, session.ckpt_dir, universal=resharding,
                                           new_precision=session.switches_precision)
+    # what the load added at its peak (the kernel's peak RSS, reset before it), for the ledger
+    loaded = {"load": peak_rss_bytes() - before} if measurable and client_state else {}
     if session.precision.precision == "fp16":  # a loss scale at its floor stops the run with onecard's own error
         engine.optimizer.loss_scaler.raise_error_at_min_scale = False
     if resharding:  # loaded on every rank: the conversion (as big as the checkpoint's fp32 states) has done its job
@@ -711,7 +715,8 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
     swap_folders = nvme.swap_folders(ds)
     return Trainee(engine, model, start_step, n_params, flops,
                    peak_tflops(session.precision.precision, config.peak_tflops),
-                   swap_meter=nvme.SwapMeter(swap_folders, engine.optimizer.optimizer) if swap_folders else None)
+                   swap_meter=nvme.SwapMeter(swap_folders, engine.optimizer.optimizer) if swap_folders else None,
+                   host_memory=loaded)
 
 
 def build_device(ds: dict[str, Any], parameters: float, gpu_mem_cap: float | None = None) -> str:
