@@ -82,7 +82,9 @@ def test_the_memory_model_matches_the_ledger_kind_by_kind(ledgers: dict, config:
             continue
         # the resume's load, read the same way: never above the estimate (GPT-2 XL's resume under
         # zero2_offload_bf16_states was killed by the OOM killer while the estimate left the load out), and for the
-        # mid model, whose optimizer file the load reads whole, not far below it.
+        # mid model, whose optimizer file the load reads whole, not far below it. (Freed heap memory the allocator
+        # reuses can make it smaller: the fp32 ZeRO-1/2 runs here measured the optimizer file alone, bf16 states
+        # both files.)
         assert measured["load"] <= 1.1 * estimated["load"] + 4 * MIB, (size, measured["load"], estimated["load"])
         if size == "mid":
             assert measured["load"] >= 0.5 * estimated["load"], (size, measured["load"], estimated["load"])

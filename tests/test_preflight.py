@@ -36,7 +36,7 @@ def test_a_32_gib_desktop_cannot_hold_xl_with_cpu_offload_and_is_pointed_at_nvme
     problems = check(xl("zero2_offload", micro=1), desktop, "ds_configs/zero2_offload.json",
                      lambda: alternatives(micro=1))
     assert len(problems) == 1
-    assert "needs about 50" in problems[0] and "host RAM" in problems[0] and "28.0 GiB available" in problems[0]
+    assert "needs about 53" in problems[0] and "host RAM" in problems[0] and "28.0 GiB available" in problems[0]
     # bf16 states no longer: their resume reads the 8.7 GiB optimizer file beside 18 GiB of states
     assert "Configs that fit this machine: ds_configs/zero3_nvme.json, ds_configs/zero3_nvme_optimizer.json." in \
         problems[0]
