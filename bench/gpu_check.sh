@@ -27,15 +27,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 [ -f "data/shards/$CORPUS/index.json" ] || {
   echo "data/shards/$CORPUS is missing: make it on the CPU machine (docs/BENCHMARKS.md) and carry it" >&2; exit 2; }
 
-python3 - "$OUT" <<'PY'
-import json, platform, sys
-import torch, deepspeed, transformers
-info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "deepspeed": deepspeed.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30}
-open(f"{sys.argv[1]}/host.json", "w").write(json.dumps(info, indent=2) + "\n")
-print(info)
-PY
+python3 bench/gpu_host_info.py "$OUT"
 
 # Build (or load) the ops every config needs before any run starts, so that no run's time cap pays for a build.
 python3 - "$OUT" <<'PY'

@@ -30,15 +30,7 @@ touch "$BIN/../.onecard-packages" "$BIN/../.onecard-installed" "$BIN/../.onecard
 # Outside the project: the end-to-end test copies the project tree.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 
-python3 - "$OUT" <<'PY'
-import json, platform, shutil, sys
-import torch, deepspeed, transformers, datasets
-info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "deepspeed": deepspeed.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__,
-        "python": platform.python_version(), "make": shutil.which("make")}
-open(f"{sys.argv[1]}/host.json", "w").write(json.dumps(info, indent=2) + "\n")
-print(info)
-PY
+python3 bench/gpu_host_info.py "$OUT"
 
 # Each test's outcome written as it comes (a run cut short by DEADLINE still says which tests failed, and why).
 mkdir -p /tmp/gpu_suite_plugin && cat > /tmp/gpu_suite_plugin/outcomes.py <<'PY'

@@ -127,6 +127,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
 
 
+def start_rss_rise() -> int | None:
+    """Start measuring how far the RSS rises at its peak over a stretch of work (a checkpoint save, a resume's
+    load): the kernel's peak reading reset, the RSS now as the base for `rss_rise`; None where it cannot be reset."""
+    return psutil.Process().memory_info().rss if reset_peak_rss() else None
+
+
+def rss_rise(base: int | None) -> int | None:
+    """How far the RSS rose above `base` (from `start_rss_rise`) at its peak since; None where unmeasurable."""
+    return None if base is None else peak_rss_bytes() - base
+
+
 class MemoryProbe:
     """Peak memory of this process: the CUDA allocator's reservation, the device memory NVML charges to the
     process (CUDA context included), and host RSS."""

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import psutil
 import torch
 
 from pipeline import checkpoint, families, ledger, memory, nvme, preflight, pretrained
@@ -66,9 +65,9 @@ from pipeline.hardware import (
     MemoryProbe,
     cap_gpu_memory,
     device_name,
-    peak_rss_bytes,
     peak_tflops,
-    reset_peak_rss,
+    rss_rise,
+    start_rss_rise,
 )
 from pipeline.metrics import Metrics
 from pipeline.model import (
@@ -686,11 +685,11 @@ def build_trainee(session: Session, clock: StartupClock) -> Trainee:
     )
     release_build_memory()
     clock.lap("engine")
-    before, measurable = psutil.Process().memory_info().rss, reset_peak_rss()
+    load_base = start_rss_rise()
     client_state = checkpoint.load_latest(engine, session.ckpt_dir, universal=resharding,
                                           new_precision=session.switches_precision)
-    # what the load added at its peak (the kernel's peak RSS, reset before it), for the ledger
-    loaded = {"load": peak_rss_bytes() - before} if measurable and client_state else {}
+    load = rss_rise(load_base)  # what the load added at its peak, for the ledger
+    loaded = {"load": load} if client_state and load is not None else {}
     if session.precision.precision == "fp16":  # a loss scale at its floor stops the run with onecard's own error
         engine.optimizer.loss_scaler.raise_error_at_min_scale = False
     if resharding:  # loaded on every rank: the conversion (as big as the checkpoint's fp32 states) has done its job
@@ -892,11 +891,12 @@ def save_checkpoint(session: Session, trainee: Trainee, done: int, run_inputs: d
     _check_disk([checkpoint.next_checkpoint_need(session.ckpt_dir, trainee.n_params, session.ds)])
     progress = {"step": done, "tokens_seen": done * session.tokens_per_step}
     state = {**progress, "rng": checkpoint.rng_states(), **checkpoint.universal_info()}
-    before, measurable = psutil.Process().memory_info().rss, reset_peak_rss()
+    base = start_rss_rise()
     checkpoint.save(trainee.engine, trainee.model, session.ckpt_dir, done, state, session.config.keep_checkpoints,
                     {"identity": session.identity, "inputs": run_inputs, "counts": progress, "started": started})
-    if measurable:
-        trainee.host_memory["save"] = max(trainee.host_memory.get("save", 0), peak_rss_bytes() - before)
+    rise = rss_rise(base)
+    if rise is not None:
+        trainee.host_memory["save"] = max(trainee.host_memory.get("save", 0), rise)
         record_host_memory(session, trainee)
     if session.rank == 0:
         checkpoint.write_run_manifest(session.ckpt_dir, session.identity, run_inputs, progress, started)
